@@ -1,0 +1,361 @@
+"""The training loop: LoRA on a live model through a ``Host``, written as a kohya file.
+
+Deterministic under a seed: every random draw of the loop (data order, flips, noise, timesteps)
+comes from one CPU ``torch.Generator``, LoRA dropout from the global RNG inside ``fork_rng`` (the
+host's own RNG state is left as it was). A checkpoint stores all of it, so a resumed run ends with
+the same weights as an uninterrupted one.
+"""
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import export
+from .checkpointing import gradient_checkpointing
+from .config import TrainConfig
+from .data import TrainImage, to_square_tensor
+from .errors import CharLoraError, ConfigError
+from .lora import LoRANetwork
+from .optim import choose_precision, make_optimizer, make_scheduler
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: Optional[float]      # mean loss of the last ``log_every`` steps (None before the first read)
+    lr: float
+    elapsed: float
+    eta: Optional[float]
+
+
+@dataclass
+class TrainResult:
+    status: str                        # "done", "stopped" (saved early) or "cancelled" (nothing written)
+    steps_done: int
+    path: Optional[str] = None
+    loss_history: list = field(default_factory=list)   # [(step, mean loss)]
+    metadata: dict = field(default_factory=dict)
+    num_keys: int = 0
+    checkpoints: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class CancelToken:
+    """Thread-safe stop request: ``stop(save=True)`` keeps what is trained, ``save=False`` discards."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.save = True
+
+    def stop(self, save=True):
+        self.save = bool(save)
+        self._event.set()
+
+    @property
+    def requested(self):
+        return self._event.is_set()
+
+
+class _Sampler:
+    """Epoch-wise shuffled batches (drop-last), drawn from the run's generator."""
+
+    def __init__(self, n, batch_size, generator):
+        self.n, self.batch_size, self.g = n, batch_size, generator
+        self.order, self.pos, self.epoch = [], 0, 0
+
+    def next(self):
+        if self.pos + self.batch_size > len(self.order):
+            self.order = torch.randperm(self.n, generator=self.g).tolist()
+            self.pos = 0
+            self.epoch += 1
+        batch = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self):
+        return {"order": self.order, "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, s):
+        self.order, self.pos, self.epoch = list(s["order"]), s["pos"], s["epoch"]
+
+
+def diffusion_loss(pred, x0, noise, alphas, prediction, min_snr_gamma):
+    """Per-batch MSE to the eps or v target, min-SNR-gamma weighted. ``alphas`` = alphas_cumprod[t]."""
+    a = alphas.view(-1, 1, 1, 1)
+    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = alphas / (1 - alphas)
+        weight = torch.clamp(snr, max=min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+class Trainer:
+    def __init__(self, host, config: TrainConfig, images, output_dir, checkpoint_dir=None,
+                 progress: Optional[Callable[[Progress], None]] = None, cancel: Optional[CancelToken] = None,
+                 dataset_name="images"):
+        self.host, self.cfg = host, config
+        self.images = list(images)
+        self.output_dir = output_dir
+        self.checkpoint_dir = checkpoint_dir or os.path.join(output_dir, f"{config.name}_checkpoints")
+        self.progress = progress
+        self.cancel = cancel or CancelToken()
+        self.dataset_name = dataset_name
+        self.warnings = []
+
+    # -- public -------------------------------------------------------------------------------
+    def run(self, resume_from=None):
+        cfg, host = self.cfg, self.host
+        cfg.validate()
+        if not self.images:
+            raise ConfigError("images", "no training images were given")
+        for i, im in enumerate(self.images):
+            if not isinstance(im, TrainImage):
+                raise ConfigError("images", f"item {i} is not a TrainImage")
+        host.check_supported()
+        if cfg.train_text_encoder and not host.supports_text_encoder_training:
+            raise ConfigError("train_text_encoder", "this host cannot train the text encoder in its current "
+                                                    "memory mode; train the UNet only")
+        self.out_path = export.output_path(self.output_dir, cfg.name)
+        export.check_can_write(self.out_path, cfg.overwrite)
+        state = self._load_state(resume_from) if resume_from else None
+        self.precision = choose_precision(cfg.mixed_precision, host.device, host.base_dtype)
+        self.started_at = state["started_at"] if state else time.time()
+        t0 = time.perf_counter()
+        fork_devices = [host.device] if host.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices), host.session(cfg.train_text_encoder):
+            torch.manual_seed(cfg.seed)
+            result = self._train(state)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # -- internals ----------------------------------------------------------------------------
+    def _encode(self):
+        cfg, host = self.cfg, self.host
+        latents, sizes = [], []
+        with torch.no_grad():
+            for im in self.images:
+                pixels, size = to_square_tensor(im.image, cfg.resolution)
+                batch = pixels.unsqueeze(0)
+                if cfg.flip:
+                    batch = torch.cat([batch, batch.flip(-1)])
+                z = host.encode_images(batch.to(host.device)).float().cpu()
+                latents.append(z)          # [1 or 2, C, h, w]: plain, flipped
+                sizes.append(size)
+        return latents, sizes
+
+    def _cached_conds(self, sizes):
+        host = self.host
+        with torch.no_grad():
+            conds = [host.encode_text([im.caption], [size]) for im, size in zip(self.images, sizes)]
+        return conds
+
+    def _train(self, state):
+        cfg, host = self.cfg, self.host
+        device = host.device
+        g = torch.Generator().manual_seed(cfg.seed)
+        latents, sizes = self._encode()
+
+        network = LoRANetwork(cfg.rank, cfg.alpha, cfg.dropout)
+        components = [host.unet] + (list(host.text_encoders) if cfg.train_text_encoder else [])
+        for comp in components:
+            network.add_component(comp, cfg.targets, generator=g)
+        network.to(device=device, dtype=torch.float32)
+        self.network = network
+
+        conds = None if cfg.train_text_encoder else self._cached_conds(sizes)
+        groups = [{"params": network.parameters_of(host.unet.name), "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            te_params = [p for c in host.text_encoders for p in network.parameters_of(c.name)]
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr})
+        optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, device)
+        scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_steps, cfg.num_cycles)
+        scaler = self.precision.make_scaler()
+        batch_size = cfg.batch_size
+        if batch_size > len(self.images):
+            batch_size = len(self.images)
+            self.warnings.append(f"batch size {cfg.batch_size} is larger than the {len(self.images)} images; "
+                                 f"using {batch_size}")
+        sampler = _Sampler(len(self.images), batch_size, g)
+        self.batches_per_epoch = len(self.images) // batch_size
+        history, checkpoints, step = [], [], 0
+        if state:
+            network.load_state_dict(state["network"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            g.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            sampler.load_state_dict(state["sampler"])
+            history, step = list(state["history"]), state["step"]
+
+        alphas_cumprod = host.alphas_cumprod.float().to(device)
+        input_dtype = torch.float32 if self.precision.autocast_dtype else host.base_dtype
+        run = dict(network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=g,
+                   sampler=sampler)
+        trainable = [p for grp in groups for p in grp["params"]]
+        loss_sum, loss_n = torch.zeros((), device=device), 0
+        t_start, steps_this_run = time.perf_counter(), 0
+        status = "done"
+        ckpt_modules = [c.module for c in components]
+        network.train()
+        with gradient_checkpointing(ckpt_modules, cfg.gradient_checkpointing):
+            network.attach()
+            try:
+                while step < cfg.steps:
+                    if self.cancel.requested:
+                        status = "stopped" if self.cancel.save else "cancelled"
+                        break
+                    for _ in range(cfg.grad_accum):
+                        idx = sampler.next()
+                        loss = self._step_loss(idx, latents, sizes, conds, alphas_cumprod, input_dtype, g)
+                        loss = loss / cfg.grad_accum
+                        (scaler.scale(loss) if scaler else loss).backward()
+                        loss_sum += loss.detach()
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if cfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    step += 1
+                    steps_this_run += 1
+                    loss_n += 1
+                    if loss_n >= cfg.log_every or step == cfg.steps or step == 1:
+                        value = (loss_sum / loss_n).item()
+                        if not math.isfinite(value):
+                            raise CharLoraError(f"the loss became {value} at step {step}; lower the learning rate "
+                                                "or use fp32/bf16 precision")
+                        history.append((step, value))
+                        loss_sum.zero_()
+                        loss_n = 0
+                    if self.progress:
+                        elapsed = time.perf_counter() - t_start
+                        eta = elapsed / steps_this_run * (cfg.steps - step)
+                        self.progress(Progress(step, cfg.steps, history[-1][1] if history else None,
+                                               optimizer.param_groups[0]["lr"], elapsed, eta))
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                        checkpoints.append(self._save_checkpoint(step, history, run))
+                preview = self._preview() if status != "cancelled" else None
+            finally:
+                network.detach()
+        result = TrainResult(status=status, steps_done=step, loss_history=history, checkpoints=checkpoints,
+                             warnings=self.warnings)
+        if status == "cancelled" or step == 0:
+            result.status = "cancelled"
+            return result
+        tensors = network.kohya_state_dict(self._save_dtype())
+        result.metadata = self._metadata(step)
+        result.path = export.write_lora(self.out_path, tensors, result.metadata, overwrite=self.cfg.overwrite,
+                                        preview=preview, card=export.user_metadata(host, self.cfg))
+        result.num_keys = len(tensors)
+        return result
+
+    def _step_loss(self, idx, latents, sizes, conds, alphas_cumprod, input_dtype, g):
+        cfg, host = self.cfg, self.host
+        device = host.device
+        flips = (torch.rand(len(idx), generator=g) < 0.5).tolist() if cfg.flip else [False] * len(idx)
+        x0 = torch.cat([latents[i][1 if f else 0].unsqueeze(0) for i, f in zip(idx, flips)])
+        noise = torch.randn(x0.shape, generator=g)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=g)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        a = alphas_cumprod[t]
+        noisy = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+        with self.precision.autocast():
+            if conds is None:
+                cond = host.encode_text([self.images[i].caption for i in idx], [sizes[i] for i in idx])
+            else:
+                cond = {k: torch.cat([conds[i][k] for i in idx]) for k in conds[idx[0]]}
+            pred = host.predict(noisy.to(input_dtype), t, cond)
+        return diffusion_loss(pred, x0, noise, a, host.prediction, cfg.min_snr_gamma)
+
+    def _preview(self):
+        cfg, host = self.cfg, self.host
+        image = None
+        try:
+            with torch.no_grad():
+                self.network.eval()
+                image = host.sample(cfg.trigger or cfg.name, cfg.seed, cfg.resolution, cfg.resolution)
+        finally:
+            self.network.train()
+        if image is None:  # the host has no sampler: use the first training image as the card picture
+            image = self.images[0].image.convert("RGB")
+            image.thumbnail((512, 512))
+        return image
+
+    def _save_dtype(self):
+        return torch.float16 if self.cfg.save_dtype == "fp16" else torch.float32
+
+    def _metadata(self, step):
+        cfg = self.cfg
+        opt = f"{cfg.optimizer}(weight_decay={cfg.weight_decay})"
+        return export.build_metadata(self.host, cfg, steps_done=step, batches_per_epoch=self.batches_per_epoch,
+                                     num_images=len(self.images), captions=[i.caption for i in self.images],
+                                     started_at=self.started_at, precision_mode=self.precision.mode,
+                                     optimizer_desc=opt, dataset_name=self.dataset_name)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save_checkpoint(self, step, history, run):
+        cfg = self.cfg
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        stem = os.path.join(self.checkpoint_dir, f"{cfg.name}-step{step:06d}")
+        device = self.host.device
+        state = {
+            "version": STATE_VERSION, "fingerprint": cfg.fingerprint(), "num_images": len(self.images),
+            "step": step, "started_at": self.started_at, "history": list(history),
+            "network": run["network"].state_dict(), "optimizer": run["optimizer"].state_dict(),
+            "scheduler": run["scheduler"].state_dict(),
+            "scaler": run["scaler"].state_dict() if run["scaler"] is not None else None,
+            "generator": run["generator"].get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "sampler": run["sampler"].state_dict(),
+        }
+        tmp = stem + ".state.tmp"
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, stem + ".state")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        tensors = run["network"].kohya_state_dict(self._save_dtype())
+        export.write_lora(stem + ".safetensors", tensors, self._metadata(step), overwrite=True)
+        return stem + ".state"
+
+    def _load_state(self, path):
+        if not os.path.isfile(path):
+            raise ConfigError("resume_from", f"checkpoint state {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ConfigError("resume_from", f"{path} is not a readable training state ({e})") from e
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ConfigError("resume_from", f"{path} is not a Character LoRA training state of this version")
+        mine = self.cfg.fingerprint()
+        diff = sorted(k for k in mine if state["fingerprint"].get(k) != mine[k])
+        if diff:
+            raise ConfigError("resume_from", "the checkpoint was made with different settings: " + ", ".join(
+                f"{k} {state['fingerprint'].get(k)!r} -> {mine[k]!r}" for k in diff))
+        if state["num_images"] != len(self.images):
+            raise ConfigError("resume_from", f"the checkpoint was made with {state['num_images']} images, "
+                                             f"now there are {len(self.images)}")
+        return state
