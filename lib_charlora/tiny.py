@@ -74,9 +74,8 @@ def tiny_diffusers_unet(arch="sd1"):
     if arch == "sdxl":
         return UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8, cross_attention_dim=64, norm_num_groups=32).eval()
     return UNet2DConditionModel(
@@ -88,12 +87,12 @@ def tiny_diffusers_unet(arch="sd1"):
 
 
 def tiny_ldm_unet(arch="sd1", size_embed_dim=8, pooled_dim=32):
-    """ldm ``UNetModel`` with SD1.5's block layout (SD2: linear proj_in/out; SDXL: 3 levels,
-    attention on levels 2-3, a ``label_emb`` for the pooled-text + size vector, like sgm)."""
+    """ldm ``UNetModel`` with SD1.5's block layout (SD2: linear proj_in/out; SDXL: 3 levels, linear
+    projections, a ``label_emb`` for the pooled-text + size vector, like sgm)."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     if arch == "sdxl":
         unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2, 2],
-                         num_res_blocks=2, attention_resolutions=[2, 4], num_head_channels=16,
+                         num_res_blocks=2, attention_resolutions=[1, 2, 4], num_head_channels=16,
                          use_spatial_transformer=True, transformer_depth=1, context_dim=CONTEXT["sdxl"],
                          use_linear_in_transformer=True, legacy=False)
         ted = 32 * 4
@@ -111,10 +110,11 @@ def tiny_ldm_unet(arch="sd1", size_embed_dim=8, pooled_dim=32):
 
 @torch.no_grad()
 def _rerandomize_zero_layers(module):
-    """ldm zero-initialises output convs and proj_out; random weights make the test model non-trivial."""
+    """ldm zero-initialises output convs and proj_out; PyTorch's default init makes the random
+    test model non-trivial (a zero output layer would make the UNet a constant)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.any():
-            nn.init.normal_(m.weight, std=0.02)
+            m.reset_parameters()
     _nonzero_norm_biases(module)
 
 

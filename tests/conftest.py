@@ -17,6 +17,14 @@ def images():
     return demo_dataset(4, 64, trigger="sks")
 
 
+def warm(host):
+    """Run the host once, as a WebUI has before any training (transformers 5 installs its
+    output-capturing hooks on the first call with output_hidden_states)."""
+    with torch.no_grad():
+        host.encode_text(["warm up"], [(64, 64, 0, 0, 64, 64)])
+    return host
+
+
 def snapshot(*modules):
     """Everything a training run must leave unchanged on the host's modules."""
     snap = []

@@ -8,6 +8,7 @@ from torch import nn
 from lib_charlora.engine import Component, LoRANetwork, find_targets
 from lib_charlora.engine.lora import LoRAModule
 from lib_charlora.tiny import tiny_host
+from tests.a1111_rule import OpenClipText
 from tests.conftest import assert_unchanged, snapshot
 
 
@@ -60,43 +61,10 @@ def test_lora_init_is_identity_and_kaiming():
     assert lora.lora_down.weight.abs().max() <= bound and lora.lora_down.weight.abs().max() > bound * 0.8
 
 
-class _OpenClipBlock(nn.Module):
-    """The module layout of open_clip's ResidualAttentionBlock (SD2 / SDXL text encoder 2)."""
-
-    def __init__(self, d, batch_first=False):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=batch_first)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(d, 4 * d))
-        self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-_OpenClipBlock.__name__ = "ResidualAttentionBlock"
-
-
-class _OpenClipText(nn.Module):
-    def __init__(self, d=16, layers=2, batch_first=False):
-        super().__init__()
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList([_OpenClipBlock(d, batch_first) for _ in range(layers)])
-
-    def forward(self, x):
-        for b in self.transformer.resblocks:
-            x = b(x)
-        return x
-
-
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_multihead_attention_all_four_and_equal_to_merged_weights(batch_first):
     torch.manual_seed(0)
-    model = _OpenClipText(batch_first=batch_first)
+    model = OpenClipText(batch_first=batch_first)
     comp = Component("te2", model, "lora_te2", "open_clip", "sdxl")
     net = LoRANetwork(4, 2)
     net.add_component(comp)

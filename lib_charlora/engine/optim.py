@@ -13,12 +13,21 @@ def make_optimizer(name, param_groups, weight_decay, device):
         fused = device.type == "cuda"
         return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused or None)
     if name == "prodigy":
-        module = _optional("prodigyopt", "optimizer 'prodigy'")
+        module = _optional(_OPTIONAL[name], f"optimizer {name!r}")
         return module.Prodigy(param_groups, weight_decay=weight_decay)
     if name == "adamw8bit":
-        module = _optional("bitsandbytes", "optimizer 'adamw8bit'")
+        module = _optional(_OPTIONAL[name], f"optimizer {name!r}")
         return module.optim.AdamW8bit(param_groups, weight_decay=weight_decay)
     raise ConfigError("optimizer", f"unknown optimizer {name!r}")
+
+
+_OPTIONAL = {"prodigy": "prodigyopt", "adamw8bit": "bitsandbytes"}
+
+
+def require_optimizer(name):
+    """Fail before any work when the optimizer's package is missing."""
+    if name in _OPTIONAL:
+        _optional(_OPTIONAL[name], f"optimizer {name!r}")
 
 
 def _optional(package, what):

@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .data import TrainImage, to_square_tensor
 from .errors import CharLoraError, ConfigError
 from .lora import LoRANetwork
-from .optim import choose_precision, make_optimizer, make_scheduler
+from .optim import choose_precision, make_optimizer, make_scheduler, require_optimizer
 
 STATE_VERSION = 1
 
@@ -123,6 +123,7 @@ class Trainer:
             if not isinstance(im, TrainImage):
                 raise ConfigError("images", f"item {i} is not a TrainImage")
         host.check_supported()
+        require_optimizer(cfg.optimizer)
         if cfg.train_text_encoder and not host.supports_text_encoder_training:
             raise ConfigError("train_text_encoder", "this host cannot train the text encoder in its current "
                                                     "memory mode; train the UNet only")
