@@ -81,8 +81,3 @@ def resize_and_crop(image, bucket, resized, random_crop=False, generator=None):
         left, top = dx // 2, dy // 2
     return image.crop((left, top, left + bucket[0], top + bucket[1])), (top, left)
 
-
-def bucket_table(assignments):
-    """``{bucket: count}`` -> kohya's ``ss_bucket_info`` shape."""
-    buckets = {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(assignments.items()))}
-    return {"buckets": buckets}

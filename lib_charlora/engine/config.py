@@ -74,7 +74,19 @@ class TrainConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     resolution: int = 512
+    buckets: bool = True                 # aspect-ratio buckets (kohya's rule); False = square crops
+    min_bucket_reso: int = 0             # 0 = resolution / 2 (at least 64)
+    max_bucket_reso: int = 0             # 0 = 2 x resolution
+    bucket_no_upscale: bool = False
+    random_crop: bool = False            # a new crop every step (latents are then not cached)
     flip: bool = False
+    caption_template: str = "photo of {trigger}"   # for pictures without any caption
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    tag_dropout: float = 0.0
+    caption_dropout: float = 0.0
     seed: int = 0
     save_every: int = 0                  # checkpoint (LoRA + state) every N steps; 0 = off
     log_every: int = 10                  # loss is read back from the device every N steps
@@ -112,14 +124,29 @@ class TrainConfig:
         _num("resolution", self.resolution, 64, 2048, integer=True)
         if self.resolution % 64:
             raise ConfigError("resolution", f"must be a multiple of 64, got {self.resolution}")
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            value = getattr(self, key)
+            _num(key, value, 0, 4096, integer=True)
+            if value % 64:
+                raise ConfigError(key, f"must be a multiple of 64 (or 0 for automatic), got {value}")
+        if self.min_bucket_reso > self.resolution:
+            raise ConfigError("min_bucket_reso", f"must not exceed the resolution {self.resolution}")
+        if self.max_bucket_reso and self.max_bucket_reso < self.resolution:
+            raise ConfigError("max_bucket_reso", f"must be at least the resolution {self.resolution}")
+        for key in ("caption_template", "caption_prefix", "caption_suffix"):
+            if not isinstance(getattr(self, key), str) or len(getattr(self, key)) > 500:
+                raise ConfigError(key, "must be text of at most 500 characters")
         _num("seed", self.seed, 0, 2**63 - 1, integer=True)
         _num("save_every", self.save_every, 0, 1_000_000, integer=True)
         _num("log_every", self.log_every, 1, 1_000_000, integer=True)
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError("save_dtype", f"must be one of {', '.join(SAVE_DTYPES)}")
-        for key in ("train_text_encoder", "gradient_checkpointing", "flip", "overwrite"):
+        for key in ("train_text_encoder", "gradient_checkpointing", "flip", "overwrite", "buckets",
+                    "bucket_no_upscale", "random_crop", "shuffle_tags"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(key, f"must be true or false, got {getattr(self, key)!r}")
+        from .trainset import caption_options
+        caption_options(self).validate()
         return self
 
     def to_dict(self):
@@ -130,5 +157,7 @@ class TrainConfig:
         keep = ("steps", "rank", "alpha", "dropout", "targets", "learning_rate", "text_encoder_lr",
                 "train_text_encoder", "optimizer", "weight_decay", "scheduler", "warmup_steps", "num_cycles",
                 "batch_size", "grad_accum", "max_grad_norm", "min_snr_gamma", "noise_offset", "resolution",
-                "flip", "seed")
+                "buckets", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "random_crop", "flip",
+                "caption_template", "caption_prefix", "caption_suffix", "shuffle_tags", "keep_tokens",
+                "tag_dropout", "caption_dropout", "seed")
         return {k: getattr(self, k) for k in keep}

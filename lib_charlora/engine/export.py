@@ -47,7 +47,8 @@ def tag_frequency(captions):
 
 
 def build_metadata(host, cfg, *, steps_done, batches_per_epoch, num_images, captions, started_at,
-                   precision_mode, optimizer_desc, session_id=None, dataset_name="images"):
+                   precision_mode, optimizer_desc, session_id=None, dataset_name="images", buckets=None,
+                   folders=None):
     """All values are strings, as safetensors requires and kohya writes."""
     epochs = max(1, -(-cfg.steps * cfg.grad_accum // max(1, batches_per_epoch)))
     epoch = min(epochs, -(-steps_done * cfg.grad_accum // max(1, batches_per_epoch)))
@@ -101,17 +102,18 @@ def build_metadata(host, cfg, *, steps_done, batches_per_epoch, num_images, capt
         "ss_resolution": f"({res}, {res})",
         "ss_flip_aug": str(cfg.flip),
         "ss_color_aug": "False",
-        "ss_random_crop": "False",
-        "ss_enable_bucket": "False",
-        "ss_shuffle_caption": "False",
-        "ss_keep_tokens": "0",
-        "ss_caption_dropout_rate": "0.0",
-        "ss_caption_tag_dropout_rate": "0.0",
+        "ss_random_crop": str(cfg.random_crop),
+        "ss_enable_bucket": str(cfg.buckets),
+        "ss_bucket_no_upscale": str(cfg.bucket_no_upscale),
+        "ss_shuffle_caption": str(cfg.shuffle_tags),
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_caption_dropout_rate": str(cfg.caption_dropout),
+        "ss_caption_tag_dropout_rate": str(cfg.tag_dropout),
         "ss_prior_loss_weight": "1.0",
         "ss_tag_frequency": json.dumps({dataset_name: tag_frequency(captions)}),
-        "ss_dataset_dirs": json.dumps({dataset_name: {"n_repeats": 1, "img_count": num_images}}),
-        "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": [res, res], "count": num_images}},
-                                      "mean_img_ar_error": 0.0}),
+        "ss_dataset_dirs": json.dumps(folders or {dataset_name: {"n_repeats": 1, "img_count": num_images}}),
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in
+                                                  enumerate(sorted((buckets or {(res, res): num_images}).items()))}}),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{arch_spec}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl" else "diffusers",
@@ -120,6 +122,10 @@ def build_metadata(host, cfg, *, steps_done, batches_per_epoch, num_images, capt
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if host.prediction == "v" else "epsilon",
     }
+    if cfg.buckets:
+        from .trainset import bucket_limits
+        lo, hi = bucket_limits(cfg)
+        md["ss_min_bucket_reso"], md["ss_max_bucket_reso"] = str(lo), str(hi)
     if cfg.trigger:
         md["modelspec.trigger_phrase"] = cfg.trigger
     if host.model_hash:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from . import export
 from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
-from .data import TrainImage, to_square_tensor
+from . import captions as cap
+from . import trainset
 from .errors import CharLoraError, ConfigError
 from .lora import LoRANetwork
 from .optim import choose_precision, make_optimizer, make_scheduler, require_optimizer
@@ -65,29 +66,6 @@ class CancelToken:
         return self._event.is_set()
 
 
-class _Sampler:
-    """Epoch-wise shuffled batches (drop-last), drawn from the run's generator."""
-
-    def __init__(self, n, batch_size, generator):
-        self.n, self.batch_size, self.g = n, batch_size, generator
-        self.order, self.pos, self.epoch = [], 0, 0
-
-    def next(self):
-        if self.pos + self.batch_size > len(self.order):
-            self.order = torch.randperm(self.n, generator=self.g).tolist()
-            self.pos = 0
-            self.epoch += 1
-        batch = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return batch
-
-    def state_dict(self):
-        return {"order": self.order, "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, s):
-        self.order, self.pos, self.epoch = list(s["order"]), s["pos"], s["epoch"]
-
-
 def diffusion_loss(pred, x0, noise, alphas, prediction, min_snr_gamma):
     """Per-batch MSE to the eps or v target, min-SNR-gamma weighted. ``alphas`` = alphas_cumprod[t]."""
     a = alphas.view(-1, 1, 1, 1)
@@ -103,9 +81,11 @@ def diffusion_loss(pred, x0, noise, alphas, prediction, min_snr_gamma):
 class Trainer:
     def __init__(self, host, config: TrainConfig, images, output_dir, checkpoint_dir=None,
                  progress: Optional[Callable[[Progress], None]] = None, cancel: Optional[CancelToken] = None,
-                 dataset_name="images"):
+                 dataset_name="images", caption_provider=None, latent_cache_dir=None):
         self.host, self.cfg = host, config
         self.images = list(images)
+        self.caption_provider = caption_provider
+        self.latent_cache_dir = latent_cache_dir
         self.output_dir = output_dir
         self.checkpoint_dir = checkpoint_dir or os.path.join(output_dir, f"{config.name}_checkpoints")
         self.progress = progress
@@ -119,9 +99,7 @@ class Trainer:
         cfg.validate()
         if not self.images:
             raise ConfigError("images", "no training images were given")
-        for i, im in enumerate(self.images):
-            if not isinstance(im, TrainImage):
-                raise ConfigError("images", f"item {i} is not a TrainImage")
+        self.samples = trainset.build_samples(self.images, cfg, self.caption_provider)
         host.check_supported()
         require_optimizer(cfg.optimizer)
         if cfg.train_text_encoder and not host.supports_text_encoder_training:
@@ -141,31 +119,20 @@ class Trainer:
         return result
 
     # -- internals ----------------------------------------------------------------------------
-    def _encode(self):
-        cfg, host = self.cfg, self.host
-        latents, sizes = [], []
-        with torch.no_grad():
-            for im in self.images:
-                pixels, size = to_square_tensor(im.image, cfg.resolution)
-                batch = pixels.unsqueeze(0)
-                if cfg.flip:
-                    batch = torch.cat([batch, batch.flip(-1)])
-                z = host.encode_images(batch.to(host.device)).float().cpu()
-                latents.append(z)          # [1 or 2, C, h, w]: plain, flipped
-                sizes.append(size)
-        return latents, sizes
-
-    def _cached_conds(self, sizes):
+    def _cached_conds(self):
         host = self.host
         with torch.no_grad():
-            conds = [host.encode_text([im.caption], [size]) for im, size in zip(self.images, sizes)]
-        return conds
+            return [host.encode_text([smp.caption], [trainset.crop_sample(smp, False)[1]]) for smp in self.samples]
 
     def _train(self, state):
         cfg, host = self.cfg, self.host
         device = host.device
         g = torch.Generator().manual_seed(cfg.seed)
-        latents, sizes = self._encode()
+        self.cache = trainset.LatentCache(host, self.latent_cache_dir) if not cfg.random_crop else None
+        if self.cache is not None:
+            for i, smp in enumerate(self.samples):
+                for flip in ((False, True) if cfg.flip else (False,)):
+                    self.cache.get(i, smp, flip)
 
         network = LoRANetwork(cfg.rank, cfg.alpha, cfg.dropout)
         components = [host.unet] + (list(host.text_encoders) if cfg.train_text_encoder else [])
@@ -174,7 +141,9 @@ class Trainer:
         network.to(device=device, dtype=torch.float32)
         self.network = network
 
-        conds = None if cfg.train_text_encoder else self._cached_conds(sizes)
+        self.caption_opts = trainset.caption_options(cfg)
+        static = cap.is_static(self.caption_opts) and not cfg.random_crop
+        conds = self._cached_conds() if static and not cfg.train_text_encoder else None
         groups = [{"params": network.parameters_of(host.unet.name), "lr": cfg.learning_rate}]
         if cfg.train_text_encoder:
             te_params = [p for c in host.text_encoders for p in network.parameters_of(c.name)]
@@ -182,13 +151,8 @@ class Trainer:
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, device)
         scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps, cfg.warmup_steps, cfg.num_cycles)
         scaler = self.precision.make_scaler()
-        batch_size = cfg.batch_size
-        if batch_size > len(self.images):
-            batch_size = len(self.images)
-            self.warnings.append(f"batch size {cfg.batch_size} is larger than the {len(self.images)} images; "
-                                 f"using {batch_size}")
-        sampler = _Sampler(len(self.images), batch_size, g)
-        self.batches_per_epoch = len(self.images) // batch_size
+        sampler = trainset.BucketSampler(self.samples, cfg.batch_size, g)
+        self.batches_per_epoch = sampler.batches_per_epoch()
         history, checkpoints, step = [], [], 0
         if state:
             network.load_state_dict(state["network"])
@@ -222,7 +186,7 @@ class Trainer:
                         break
                     for _ in range(cfg.grad_accum):
                         idx = sampler.next()
-                        loss = self._step_loss(idx, latents, sizes, conds, alphas_cumprod, input_dtype, g)
+                        loss = self._step_loss(idx, conds, alphas_cumprod, input_dtype, g)
                         loss = loss / cfg.grad_accum
                         (scaler.scale(loss) if scaler else loss).backward()
                         loss_sum += loss.detach()
@@ -270,23 +234,35 @@ class Trainer:
         result.num_keys = len(tensors)
         return result
 
-    def _step_loss(self, idx, latents, sizes, conds, alphas_cumprod, input_dtype, g):
+    def _step_loss(self, idx, conds, alphas_cumprod, input_dtype, g):
         cfg, host = self.cfg, self.host
         device = host.device
         flips = (torch.rand(len(idx), generator=g) < 0.5).tolist() if cfg.flip else [False] * len(idx)
-        x0 = torch.cat([latents[i][1 if f else 0].unsqueeze(0) for i, f in zip(idx, flips)])
+        if self.cache is not None:
+            x0 = torch.stack([self.cache.get(i, self.samples[i], f) for i, f in zip(idx, flips)])
+            infos = [trainset.crop_sample_info(self.samples[i]) for i in idx]
+        else:  # random crop: a new crop every step, encoded now
+            crops = [trainset.crop_sample(self.samples[i], f, True, g) for i, f in zip(idx, flips)]
+            with torch.no_grad():
+                x0 = host.encode_images(torch.stack([c[0] for c in crops]).to(device)).float().cpu()
+            infos = [c[1] for c in crops]
         noise = torch.randn(x0.shape, generator=g)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=g)
         t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+        captions = None if conds is not None else [cap.render(self.samples[i].caption, self.caption_opts, g)
+                                                   for i in idx]
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         a = alphas_cumprod[t]
         noisy = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
         with self.precision.autocast():
-            if conds is None:
-                cond = host.encode_text([self.images[i].caption for i in idx], [sizes[i] for i in idx])
-            else:
+            if conds is not None:
                 cond = {k: torch.cat([conds[i][k] for i in idx]) for k in conds[idx[0]]}
+            elif cfg.train_text_encoder:
+                cond = host.encode_text(captions, infos)
+            else:
+                with torch.no_grad():
+                    cond = host.encode_text(captions, infos)
             pred = host.predict(noisy.to(input_dtype), t, cond)
         return diffusion_loss(pred, x0, noise, a, host.prediction, cfg.min_snr_gamma)
 
@@ -300,7 +276,7 @@ class Trainer:
         finally:
             self.network.train()
         if image is None:  # the host has no sampler: use the first training image as the card picture
-            image = self.images[0].image.convert("RGB")
+            image = self.samples[0].image.copy()
             image.thumbnail((512, 512))
         return image
 
@@ -311,9 +287,21 @@ class Trainer:
         cfg = self.cfg
         opt = f"{cfg.optimizer}(weight_decay={cfg.weight_decay})"
         return export.build_metadata(self.host, cfg, steps_done=step, batches_per_epoch=self.batches_per_epoch,
-                                     num_images=len(self.images), captions=[i.caption for i in self.images],
+                                     num_images=sum(smp.repeats for smp in self.samples),
+                                     captions=[c for smp in self.samples for c in [smp.caption] * smp.repeats],
+                                     buckets=trainset.bucket_counts(self.samples),
+                                     folders=self._folders(),
                                      started_at=self.started_at, precision_mode=self.precision.mode,
                                      optimizer_desc=opt, dataset_name=self.dataset_name)
+
+    def _folders(self):
+        """kohya's ss_dataset_dirs: picture count and repeats per source folder."""
+        out = {}
+        for smp in self.samples:
+            folder = smp.name.rsplit("/", 1)[0] if "/" in smp.name else self.dataset_name
+            entry = out.setdefault(folder, {"n_repeats": smp.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        return out
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save_checkpoint(self, step, history, run):
