@@ -96,12 +96,18 @@ def run_demo(out_dir="charlora_demo", steps=300, images=12, overwrite=True, quie
         im.image.save(os.path.join(data_dir, f"{i:02d}.png"))
         with open(os.path.join(data_dir, f"{i:02d}.txt"), "w", encoding="utf-8") as f:
             f.write(im.caption)
+    from .engine.dataset import DatasetError, load_folder
+    pictures, report = load_folder(data_dir, resolution=128)  # the same intake a user's folder goes through
+    if report.errors:
+        raise DatasetError("; ".join(report.errors), report)
+    if not quiet:
+        print(f"Dataset: {len(report.accepted)} pictures with captions in {data_dir}", flush=True)
     cfg = TrainConfig(name="demo_character", trigger=trigger, steps=steps, rank=8, alpha=8, learning_rate=1e-3,
                       text_encoder_lr=5e-4, train_text_encoder=True, batch_size=2, resolution=128,
                       scheduler="cosine", warmup_steps=min(20, steps - 1), min_snr_gamma=5.0, seed=1,
                       overwrite=overwrite, comment="Character LoRA embedded demo (random-weight model)")
     lora_dir = os.path.join(out_dir, "Lora")
-    trainer = Trainer(host, cfg, data, lora_dir, progress=None if quiet else ProgressBar(), dataset_name="pip")
+    trainer = Trainer(host, cfg, pictures, lora_dir, progress=None if quiet else ProgressBar(), dataset_name="pip")
     if not quiet:
         print(f"Training a rank-{cfg.rank} LoRA on a tiny random-weight SD1.5-layout model "
               f"({sum(p.numel() for p in host.unet.module.parameters()) / 1e6:.1f} M UNet params) "

@@ -152,6 +152,7 @@ def test_mixed_folder_reports_every_file(tmp_path):
     _write(tmp_path / "readme.md", b"# hi")
     _write(tmp_path / "3_pip" / "a.png", _png(_photo(50, (512, 768))))
     _write(tmp_path / "other" / "b.png", _png(_photo(51)))
+    _write(tmp_path / "0_none" / "c.png", _png(_photo(52)))
     os.symlink(tmp_path, tmp_path / "2_loop")
     os.symlink(tmp_path / "y.png", tmp_path / "x.png")
     os.symlink(tmp_path / "x.png", tmp_path / "y.png")
@@ -160,11 +161,12 @@ def test_mixed_folder_reports_every_file(tmp_path):
     fates = {f.name: f for f in report.files}
     assert set(fates) == {"img0.png", "img1.png", "img2.png", "img3.png", "img4.png", "img5.png", "copy.png",
                           "ñandú_画像.png", "empty.jpg", "notes.jpg", "line.png", "small.png", "readme.md",
-                          "3_pip/a.png", "other/", "2_loop/", "x.png", "y.png"}
+                          "3_pip/a.png", "other/", "0_none/", "2_loop/", "x.png", "y.png"}
     assert "empty file" in fates["empty.jpg"].reason and "not an image" in fates["notes.jpg"].reason
     assert "too small (1x1000)" in fates["line.png"].reason
     assert "not a picture file type" in fates["readme.md"].reason
     assert "N_name" in fates["other/"].reason and "already read" in fates["2_loop/"].reason
+    assert "0 repeats" in fates["0_none/"].reason
     assert "symbolic links" in fates["x.png"].reason and "symbolic links" in fates["y.png"].reason
     assert any("same file as copy.png" in w for w in fates["img3.png"].warnings)  # names are read sorted
     assert any("will be upscaled" in w for w in fates["small.png"].warnings)
@@ -176,7 +178,7 @@ def test_mixed_folder_reports_every_file(tmp_path):
     assert by_name["3_pip/a.png"].repeats == 3 and by_name["img4.png"].repeats == 1
     assert "ñandú_画像.png" in by_name
     assert len(images) == len(report.accepted) == 10 and report.errors == []
-    assert "ñandú_画像.png" in report.text() and report.to_dict()["rejected"] == 8
+    assert "ñandú_画像.png" in report.text() and report.to_dict()["rejected"] == 9
 
     images, report = load_folder(str(tmp_path), resolution=512, drop_duplicates=True)
     assert "duplicate of copy.png" in {f.name: f for f in report.files}["img3.png"].reason
@@ -254,3 +256,20 @@ def test_resize_and_crop():
     assert out.size == (576, 448) and (top, left) == (0, 10)
     crops = {resize_and_crop(im, (576, 448), (597, 448), True, torch.Generator().manual_seed(s))[1] for s in range(8)}
     assert len(crops) > 1 and all(t == 0 and 0 <= l <= 21 for t, l in crops)
+    same = [resize_and_crop(im, (576, 448), (597, 448), True, torch.Generator().manual_seed(3))[1] for _ in range(3)]
+    assert len(set(same)) == 1
+
+
+def test_colour_profiles():
+    from PIL import ImageCms
+    im = _photo(5, (64, 64))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", icc_profile=srgb)
+    rgb, _, notes = _decode(buf.getvalue())
+    diff = np.abs(np.asarray(rgb, dtype=int) - np.asarray(im, dtype=int)).max()
+    assert notes == [] and diff <= 2  # sRGB -> sRGB is (nearly) the identity
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", icc_profile=b"not a profile at all")
+    rgb, _, notes = _decode(buf.getvalue())
+    assert rgb.size == (64, 64) and any("colour profile could not be applied" in n for n in notes)

@@ -264,7 +264,10 @@ def test_bf16_autocast_trains_on_cpu(host, images, tmp_path):
 
 def test_demo_runs(tmp_path, capsys):
     from lib_charlora.cli import main
-    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "3", "--images", "4"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "3", "--images", "5"]) == 0
     out = capsys.readouterr().out
     assert os.path.isfile(tmp_path / "d" / "Lora" / "demo_character.safetensors")
-    assert "<lora:demo_character:1>" in out
+    assert "Dataset: 5 pictures" in out and "<lora:demo_character:1>" in out
+    assert main(["demo", "--out", str(tmp_path / "e"), "--steps", "3", "--images", "4"]) == 2
+    assert "only 4 usable pictures; at least 5 are needed" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e" / "Lora")

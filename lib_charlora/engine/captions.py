@@ -7,6 +7,7 @@ or drop; the rest may be shuffled and dropped per step; a whole caption may be d
 unconditionally) with ``caption_dropout``.
 """
 import collections
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -61,7 +62,8 @@ def split_tags(caption):
 def with_trigger_first(caption, trigger, prefix="", suffix=""):
     """Put ``trigger`` (and the prefix tags) first, once; append the suffix tags."""
     tags = split_tags(caption)
-    if trigger:
+    if trigger and not (tags and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", tags[0], re.IGNORECASE)):
+        # unless the first tag already names the trigger ("photo of pipchr"), it goes first, once
         tags = [t for t in tags if t.lower() != trigger.lower()]
         tags.insert(0, trigger)
     head = 1 if trigger else 0

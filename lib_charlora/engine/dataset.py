@@ -27,7 +27,7 @@ MIN_SIDE = 64                     # shorter side below this is useless for train
 MAX_ASPECT = 4.0                  # beyond this the picture is mostly cropped away
 MIN_IMAGES, RECOMMENDED_IMAGES = 5, 15
 BACKGROUND = (127, 127, 127)      # neutral grey behind transparent pixels
-_REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
+_REPEATS_DIR = re.compile(r"^(\d+)_(.*)$")  # kohya: the number before the first "_"
 
 
 class DatasetError(CharLoraError):
@@ -351,9 +351,12 @@ def load_folder(path, resolution=512, max_side=None, drop_duplicates=False):
 
     for sub in scan(path, "", 1):
         m = _REPEATS_DIR.match(sub.name)
-        if not m or int(m.group(1)) < 1:
+        if not m:
             report.files.append(FileReport(sub.name + "/", False, "sub-folder not read: only kohya-style "
                                                                   "'N_name' folders (N = repeats) are used"))
+            continue
+        if int(m.group(1)) < 1:
+            report.files.append(FileReport(sub.name + "/", False, "sub-folder not read: 0 repeats"))
             continue
         real = os.path.realpath(sub.path)
         if real in seen_dirs:

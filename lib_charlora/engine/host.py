@@ -43,6 +43,7 @@ class Host:
     model_sha256 = None            # full sha256 (ss_new_sd_model_hash)
     clip_skip = 1
     supports_text_encoder_training = True
+    known_names = ()               # embedding / LoRA names the host knows (trigger-word clash check)
 
     # -- what the engine calls ----------------------------------------------------------------
     def encode_images(self, pixels):

@@ -100,6 +100,7 @@ class Trainer:
         if not self.images:
             raise ConfigError("images", "no training images were given")
         self.samples = trainset.build_samples(self.images, cfg, self.caption_provider)
+        self.warnings += cap.trigger_warnings(cfg.trigger, getattr(host, "known_names", ()))
         host.check_supported()
         require_optimizer(cfg.optimizer)
         if cfg.train_text_encoder and not host.supports_text_encoder_training:

@@ -81,6 +81,16 @@ def bucket_counts(samples):
     return counts
 
 
+def steps_for_epochs(epochs, batches_per_epoch, grad_accum=1):
+    """Optimizer steps for ``epochs`` passes over the pictures (repeats included)."""
+    return max(1, -(-epochs * batches_per_epoch // grad_accum))
+
+
+def epochs_for_steps(steps, batches_per_epoch, grad_accum=1):
+    """How many passes over the pictures ``steps`` optimizer steps make (fractional)."""
+    return steps * grad_accum / max(1, batches_per_epoch)
+
+
 def to_pixels(image):
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
