@@ -152,3 +152,21 @@ def test_trainer_reuses_disk_cache(mixed, tmp_path):
         t.run()
         runs.append(t.cache.encoded)
     assert runs == [8, 0]
+
+
+def test_caption_provider_fills_pictures_without_captions():
+    files = [(f"p{i}.png", _png(_picture(i, 300, 300)), None) for i in range(5)]
+    files[0] = ("p0.png", files[0][1], "given caption")
+    images, _ = load_uploads(files, resolution=256)
+    asked = []
+
+    def provider(image):  # the WebUI adapter plugs its BLIP / DeepBooru interrogator in here
+        asked.append(image.size)
+        return "a small creature, green background" if len(asked) % 2 else ""
+
+    samples = trainset.build_samples(images, _cfg(), provider)
+    assert [(s.caption, s.caption_source) for s in samples] == [
+        ("pipchr, given caption", "given"),
+        ("pipchr, a small creature, green background", "provider"), ("photo of pipchr", "template"),
+        ("pipchr, a small creature, green background", "provider"), ("photo of pipchr", "template")]
+    assert len(asked) == 4
