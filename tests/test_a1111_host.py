@@ -1,0 +1,144 @@
+"""The A1111 adapter, driven through a double of A1111's loaded-model API built on the real ldm UNet."""
+import os
+import types
+
+import pytest
+import safetensors.torch
+import torch
+
+from lib_charlora.engine import CancelToken, ConfigError, TrainConfig, Trainer, UnsupportedModelError
+from lib_charlora.hosts.a1111 import A1111Host
+from tests.a1111_double import FakeNetworks, make_sd_model, webui_mapping
+from tests.a1111_rule import check_file_keys
+from tests.conftest import assert_unchanged, snapshot
+
+NS = types.SimpleNamespace
+
+
+def _host(sd_model, networks=None, **cmd):
+    cmd_opts = NS(**{"lowvram": False, "medvram": False, "medvram_sdxl": False, **cmd})
+    return A1111Host(sd_model, cmd_opts, NS(CLIP_stop_at_last_layers=1, fp8_storage="Disable"),
+                     NS(device="cpu", fp8=False), networks)
+
+
+def _cfg(**kw):
+    base = dict(name="char", trigger="pipchr", steps=4, rank=4, alpha=4, resolution=64, learning_rate=1e-3,
+                train_text_encoder=True, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("arch,prediction", [("sd1", "eps"), ("sd2", "v"), ("sdxl", "eps")])
+def test_trains_and_every_key_resolves(arch, prediction, images, tmp_path):
+    sd_model = make_sd_model(arch, prediction)
+    nets = FakeNetworks()
+    host = _host(sd_model, nets)
+    assert (host.arch, host.prediction) == (arch, prediction)
+    assert [c.scheme for c in host.text_encoders] == {"sd1": ["hf_clip"], "sd2": ["open_clip"],
+                                                      "sdxl": ["hf_clip", "open_clip"]}[arch]
+    before = snapshot(sd_model)
+    result = Trainer(host, _cfg(), images, str(tmp_path)).run()
+    assert result.status == "done" and all(torch.isfinite(torch.tensor(v)) for _, v in result.loss_history)
+    assert_unchanged(before, sd_model)
+    assert nets.calls[0] == ("load_networks", [])  # merged LoRAs of the last generation are cleared first
+    assert host.refresh_lora_list() is None and nets.calls[-1] == ("list_available_networks",)
+    tensors = safetensors.torch.load_file(result.path)
+    matched, failures = check_file_keys(tensors, webui_mapping(sd_model))
+    assert failures == [] and len(matched) == len(tensors) // 3
+    te_prefixes = {k.split("_text_model")[0] for k in tensors if "_text_model" in k}
+    assert te_prefixes == ({"lora_te1", "lora_te2"} if arch == "sdxl" else {"lora_te"})
+
+
+def test_training_changes_the_output_and_detach_restores_it(images, tmp_path):
+    sd_model = make_sd_model("sdxl")
+    host = _host(sd_model)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    sizes = [(64, 64, 0, 0, 64, 64)]
+    with torch.no_grad():
+        base = host.predict(x, t, host.encode_text(["pipchr"], sizes))
+    trainer = Trainer(host, _cfg(steps=6, learning_rate=1e-2), images, str(tmp_path))
+    trainer.run()
+    trainer.network.attach()
+    with torch.no_grad():
+        tuned = host.predict(x, t, host.encode_text(["pipchr"], sizes))
+    trainer.network.detach()
+    with torch.no_grad():
+        again = host.predict(x, t, host.encode_text(["pipchr"], sizes))
+    assert (tuned - base).abs().max() > 1e-4
+    assert torch.equal(again, base)
+
+
+@pytest.mark.parametrize("outcome", ["stop", "cancel", "error"])
+def test_model_restored_in_every_outcome(outcome, images, tmp_path, monkeypatch):
+    sd_model = make_sd_model("sd1")
+    host = _host(sd_model)
+    before = snapshot(sd_model)
+    token = CancelToken()
+
+    def progress(p):
+        if p.step == 2:
+            if outcome == "error":
+                raise RuntimeError("CUDA out of memory (simulated)")
+            token.stop(save=outcome == "stop")
+
+    trainer = Trainer(host, _cfg(steps=10, gradient_checkpointing=True), images, str(tmp_path), progress=progress,
+                      cancel=token)
+    if outcome == "error":
+        with pytest.raises(RuntimeError, match="simulated"):
+            trainer.run()
+    else:
+        result = trainer.run()
+        assert result.status == {"stop": "stopped", "cancel": "cancelled"}[outcome]
+    assert_unchanged(before, sd_model)
+    files = sorted(os.listdir(tmp_path))
+    assert files == (["char.json", "char.preview.png", "char.safetensors"] if outcome == "stop" else [])
+
+
+def test_refusals_say_what_to_change():
+    cases = [
+        (dict(sd_model=make_sd_model("sd1"), lowvram=True), "--lowvram"),
+        (dict(sd_model=make_sd_model("sd1", conditioning_key="hybrid")), "inpainting"),
+        (dict(sd_model=make_sd_model("sdxl", text_embedders=1)), "refiner"),
+    ]
+    for kw, text in cases:
+        sd_model = kw.pop("sd_model")
+        with pytest.raises(UnsupportedModelError, match=text):
+            _host(sd_model, **kw)
+    m = make_sd_model("sd1")
+    m.cond_stage_key = "edit"
+    with pytest.raises(UnsupportedModelError, match="pix2pix"):
+        _host(m)
+    m = make_sd_model("sd1")
+    m.is_sd3 = True
+    with pytest.raises(UnsupportedModelError, match="SD3"):
+        _host(m)
+    with pytest.raises(UnsupportedModelError, match="FP8"):
+        A1111Host(make_sd_model("sd1"), NS(lowvram=False), NS(fp8_storage="Enable"), NS(device="cpu", fp8=True))
+    with pytest.raises(UnsupportedModelError, match="no checkpoint"):
+        A1111Host(None)
+
+
+def test_medvram_trains_unet_only(images, tmp_path):
+    host = _host(make_sd_model("sd1"), medvram=True)
+    with pytest.raises(ConfigError, match="train_text_encoder"):
+        Trainer(host, _cfg(), images, str(tmp_path)).run()
+    assert os.listdir(tmp_path) == []
+    result = Trainer(host, _cfg(train_text_encoder=False), images, str(tmp_path)).run()
+    assert result.status == "done"
+
+
+def test_clip_skip_and_sizes_reach_the_model(images):
+    opts = NS(CLIP_stop_at_last_layers=2, fp8_storage="Disable")
+    sd_model = make_sd_model("sd1", opts=opts)
+    host = A1111Host(sd_model, NS(lowvram=False, medvram=False), opts, NS(device="cpu", fp8=False))
+    assert host.clip_skip == 2
+    with torch.no_grad():
+        skipped = host.encode_text(["pipchr"], [None])["c"]
+        opts.CLIP_stop_at_last_layers = 1
+        plain = host.encode_text(["pipchr"], [None])["c"]
+    assert not torch.allclose(skipped, plain)  # the WebUI's own text path, with its settings
+    xl = _host(make_sd_model("sdxl"))
+    with torch.no_grad():
+        a = xl.encode_text(["pipchr"], [(1024, 768, 0, 0, 64, 64)])["vector"]
+        b = xl.encode_text(["pipchr"], [(512, 512, 32, 0, 64, 64)])["vector"]
+    assert a.shape == b.shape and not torch.allclose(a, b)  # per-picture size / crop conditioning
