@@ -1,0 +1,128 @@
+"""One job runner for the WebUI tab, the HTTP API and the CLI: a FIFO queue worked by one thread,
+each job run under the host's lock (A1111's ``queue_lock``: generations wait, the checkpoint
+cannot be switched mid-training), with status, progress, stop-and-save and cancel."""
+import itertools
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .engine.errors import CharLoraError
+from .engine.trainer import CancelToken
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    spec: object
+    status: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    loss: Optional[float] = None
+    eta_seconds: Optional[float] = None
+    lora_name: Optional[str] = None
+    lora_path: Optional[str] = None
+    warnings: list = field(default_factory=list)
+    error: Optional[str] = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: Optional[float] = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+    def to_dict(self):
+        return {"job_id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,
+                "loss": self.loss, "eta_seconds": self.eta_seconds, "lora_name": self.lora_name,
+                "lora_path": self.lora_path, "warnings": list(self.warnings), "error": self.error}
+
+
+class JobRunner:
+    """``run(job)`` trains; it updates ``job.step`` etc. and returns the TrainResult."""
+
+    def __init__(self, run: Callable, lock=None, keep=100):
+        self._run, self._lock = run, lock
+        self._jobs = OrderedDict()
+        self._queue = []
+        self._cv = threading.Condition()
+        self._keep = keep
+        self._counter = itertools.count(1)
+        self._thread = threading.Thread(target=self._work, name="charlora-jobs", daemon=True)
+        self._thread.start()
+
+    def submit(self, name, spec):
+        job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", name=name, spec=spec)
+        with self._cv:
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._trim()
+            self._cv.notify()
+        return job
+
+    def get(self, job_id):
+        return self._jobs.get(job_id)
+
+    def list(self):
+        return list(self._jobs.values())
+
+    def stop(self, job_id, save=True):
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        with self._cv:
+            if job.status == "queued":
+                self._queue.remove(job)
+                job.status, job.finished_at = "cancelled", time.time()
+                return job
+        job.cancel.stop(save=save)
+        return job
+
+    def wait(self, job_id, timeout=None):
+        end = None if timeout is None else time.time() + timeout
+        with self._cv:
+            while self._jobs[job_id].status in ("queued", "running"):
+                left = None if end is None else end - time.time()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def busy(self):
+        return any(j.status in ("queued", "running") for j in self._jobs.values())
+
+    def _trim(self):
+        done = [j for j in self._jobs.values() if j.status not in ("queued", "running")]
+        for j in done[:max(0, len(self._jobs) - self._keep)]:
+            self._jobs.pop(j.id, None)
+
+    def _work(self):
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                job = self._queue.pop(0)
+                job.status = "running"
+            try:
+                if self._lock is not None:
+                    with self._lock:
+                        result = self._run(job)
+                else:
+                    result = self._run(job)
+                job.status = {"done": "done", "stopped": "done", "cancelled": "cancelled"}[result.status]
+                job.lora_path = result.path
+                job.warnings += [w for w in result.warnings if w not in job.warnings]
+            except CharLoraError as e:
+                job.status, job.error = "failed", str(e)
+            except Exception as e:  # an OOM or a bug: the job fails, the worker lives on
+                job.status = "failed"
+                job.error = f"{type(e).__name__}: {e}"
+                if "out of memory" in str(e).lower():
+                    job.error += " — try the Fast preset, a lower resolution or batch size, or gradient checkpointing"
+                traceback.print_exc()
+            finally:
+                job.finished_at = time.time()
+                with self._cv:
+                    self._cv.notify_all()

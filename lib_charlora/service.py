@@ -1,0 +1,145 @@
+"""Training requests -> validated, intake-checked jobs. Shared by the HTTP API and the WebUI tab.
+
+Everything that can be checked is checked *before* a job is queued (fields, name, existing file,
+pictures decodable and at least 5), so a bad request gets a clear message at once and nothing is
+queued, written or touched.
+"""
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+
+from .engine import TrainConfig
+from .engine.config import validate_name
+from .engine.dataset import DatasetError, load_folder, load_uploads
+from .engine.errors import ConfigError
+from .engine.presets import preset
+from .engine.trainer import Trainer
+from .jobs import JobRunner
+
+# request field -> (TrainConfig field, type check)
+_NUMERIC = {"steps": int, "rank": int, "alpha": (int, float), "learning_rate": (int, float),
+            "text_encoder_lr": (int, float), "resolution": int, "batch_size": int, "seed": int, "sample_every": int}
+_BOOL = ("train_text_encoder", "overwrite")
+_FIELDS = {"name", "trigger", "images", "image_dir", "captions", "preset", *_NUMERIC, *_BOOL}
+
+
+@dataclass
+class TrainSpec:
+    config: TrainConfig
+    images: list
+    report: dict
+
+
+def _b64(value, index):
+    if not isinstance(value, str):
+        raise ConfigError(f"images[{index}]", "must be a base64 string")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ConfigError(f"images[{index}]", f"is not valid base64 ({e})") from e
+
+
+class TrainService:
+    def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None):
+        self.host_factory, self.lora_dir, self.state = host_factory, lora_dir, state
+        self.latent_cache_dir, self.caption_provider = latent_cache_dir, caption_provider
+        self.runner = JobRunner(self._run, lock)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def parse(self, body):
+        """JSON body -> TrainSpec, or ConfigError / DatasetError naming the problem."""
+        if not isinstance(body, dict):
+            raise ConfigError("body", "must be a JSON object")
+        unknown = sorted(set(body) - _FIELDS)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown field; known fields: {', '.join(sorted(_FIELDS))}")
+        name = validate_name(body.get("name"))
+        trigger = body.get("trigger", name)
+        if not isinstance(trigger, str) or not trigger.strip():
+            raise ConfigError("trigger", "must be a non-empty string")
+        for key, kind in _NUMERIC.items():
+            if key in body and (isinstance(body[key], bool) or not isinstance(body[key], kind)):
+                raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, got {body[key]!r}")
+        for key in _BOOL:
+            if key in body and not isinstance(body[key], bool):
+                raise ConfigError(key, f"must be true or false, got {body[key]!r}")
+        host = self.host_factory()
+        values = preset(body.get("preset", "balanced"), host.arch, host.prediction)
+        for key in (*_NUMERIC, *_BOOL):
+            if key in body:
+                values["save_every" if key == "sample_every" else key] = body[key]
+        if not host.supports_text_encoder_training:
+            values["train_text_encoder"] = False
+        cfg = TrainConfig(name=name, trigger=trigger.strip(), **values).validate()
+        if os.path.exists(os.path.join(self.lora_dir, name + ".safetensors")) and not cfg.overwrite:
+            raise ConfigError("name", f"a LoRA named '{name}' already exists; choose another name or set overwrite")
+        images, report = self._intake(body, cfg.resolution)
+        return TrainSpec(cfg, images, report)
+
+    def _intake(self, body, resolution):
+        has_images, has_dir = body.get("images") is not None, body.get("image_dir") is not None
+        if has_images == has_dir:
+            raise ConfigError("images", "give either 'images' (base64 pictures) or 'image_dir' (a folder on the server)")
+        if has_dir:
+            if not isinstance(body["image_dir"], str):
+                raise ConfigError("image_dir", "must be a folder path")
+            if body.get("captions") is not None:
+                raise ConfigError("captions", "captions go with 'images'; a folder uses .txt sidecar files")
+            try:
+                images, report = load_folder(body["image_dir"], resolution)
+            except DatasetError as e:
+                raise ConfigError("image_dir", str(e)) from e
+        else:
+            pics = body["images"]
+            if not isinstance(pics, list) or not pics:
+                raise ConfigError("images", "must be a non-empty list of base64-encoded pictures")
+            caps = body.get("captions")
+            if caps is not None and (not isinstance(caps, list) or len(caps) != len(pics)
+                                     or not all(c is None or isinstance(c, str) for c in caps)):
+                raise ConfigError("captions", f"must be a list of {len(pics)} strings (or nulls), one per picture")
+            caps = caps or [None] * len(pics)
+            files = [(f"image {i + 1}", _b64(p, i), c) for i, (p, c) in enumerate(zip(pics, caps))]
+            images, report = load_uploads(files, resolution)
+        if report.errors:
+            raise DatasetError("; ".join(report.errors), report)
+        return images, report.to_dict()
+
+    def submit(self, body):
+        spec = self.parse(body)
+        job = self.runner.submit(spec.config.name, spec)
+        job.total_steps = spec.config.steps
+        job.lora_name = spec.config.name
+        job.warnings += spec.report["warnings"] + [f"{f['name']}: {w}" for f in spec.report["files"]
+                                                   for w in f["warnings"]]
+        return job
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def _run(self, job):
+        spec = job.spec
+        host = self.host_factory()
+        state = self.state
+        if state is not None:
+            state.job, state.job_count, state.job_no = "charlora-train", spec.config.steps, 0
+
+        def progress(p):
+            job.step, job.loss, job.eta_seconds = p.step, p.loss, p.eta
+            if state is not None:
+                state.job_no = p.step
+                loss = "-" if p.loss is None else f"{p.loss:.4f}"
+                eta = "-" if p.eta is None else f"{p.eta:.0f} s"
+                state.textinfo = f"Character LoRA '{spec.config.name}': step {p.step}/{p.total}, loss {loss}, ETA {eta}"
+                if getattr(state, "interrupted", False):  # the WebUI's Interrupt button: stop and save
+                    job.cancel.stop(save=True)
+
+        trainer = Trainer(host, spec.config, spec.images, self.lora_dir, progress=progress, cancel=job.cancel,
+                          caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir)
+        result = trainer.run()
+        job.warnings += [w for w in trainer.warnings if w not in job.warnings]
+        if result.path:
+            note = getattr(host, "refresh_lora_list", lambda: None)()
+            if note:
+                job.warnings.append(note)
+        return result

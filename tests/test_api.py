@@ -1,0 +1,176 @@
+"""HTTP API on a FastAPI app (A1111 1.10's fastapi 0.94 / pydantic 1), over the A1111 adapter and double."""
+import base64
+import io
+import os
+import threading
+import time
+import types
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lib_charlora import api
+from lib_charlora.demo import draw_character
+from lib_charlora.hosts.a1111 import A1111Host
+from lib_charlora.service import TrainService
+from tests.a1111_double import FakeNetworks, make_sd_model
+from tests.conftest import assert_unchanged, snapshot
+
+NS = types.SimpleNamespace
+
+
+def _b64_png(seed):
+    buf = io.BytesIO()
+    draw_character(seed, 64).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PICS = [_b64_png(i) for i in range(6)]
+
+
+@pytest.fixture
+def webui(tmp_path):
+    sd_model = make_sd_model("sd1")
+    nets = FakeNetworks()
+    host = A1111Host(sd_model, NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                     NS(device="cpu", fp8=False), nets)
+    lock = threading.Lock()  # stands in for A1111's queue_lock
+    state = NS(interrupted=False, job=None, job_count=0, job_no=0, textinfo="")
+    service = TrainService(lambda: host, str(tmp_path / "Lora"), lock=lock, state=state)
+    app = FastAPI()
+    api.register(app, service)
+    return NS(client=TestClient(app), service=service, sd_model=sd_model, nets=nets, lock=lock, state=state,
+              lora_dir=tmp_path / "Lora")
+
+
+def _body(**kw):
+    base = {"name": "pip", "trigger": "pipchr", "images": PICS, "preset": "fast", "steps": 3, "resolution": 64}
+    base.update(kw)
+    return base
+
+
+def _wait(client, job_id, statuses=("done", "failed", "cancelled"), timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        j = client.get(f"/charlora/v1/jobs/{job_id}").json()
+        if j["status"] in statuses:
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} stuck: {j}")
+
+
+def test_train_and_poll(webui):
+    before = snapshot(webui.sd_model)
+    r = webui.client.post("/charlora/v1/train", json=_body(captions=["pipchr, smiling"] + [None] * 5))
+    assert r.status_code == 200, r.text
+    job = _wait(webui.client, r.json()["job_id"])
+    assert job["status"] == "done" and job["step"] == job["total_steps"] == 3 and job["error"] is None
+    assert job["lora_name"] == "pip" and os.path.isfile(job["lora_path"])
+    assert job["lora_path"] == str(webui.lora_dir / "pip.safetensors")
+    assert sorted(os.listdir(webui.lora_dir)) == ["pip.json", "pip.preview.png", "pip.safetensors"]
+    assert ("list_available_networks",) in webui.nets.calls  # the Lora list is refreshed in-process
+    assert webui.state.job_count == 3 and webui.state.job_no == 3 and "step 3/3" in webui.state.textinfo
+    listed = webui.client.get("/charlora/v1/jobs").json()["jobs"]
+    assert [j["job_id"] for j in listed] == [job["job_id"]]
+    assert_unchanged(before, webui.sd_model)
+    # the same name again without overwrite is refused before anything is queued
+    r = webui.client.post("/charlora/v1/train", json=_body())
+    assert r.status_code == 422 and r.json()["field"] == "name" and "already exists" in r.json()["detail"]
+    assert webui.client.post("/charlora/v1/train", json=_body(overwrite=True)).status_code == 200
+
+
+@pytest.mark.parametrize("body,field,text", [
+    ({"images": PICS}, "name", "required"),
+    (_body(name="../evil"), "name", "path separator"),
+    (_body(name="a b"), "name", "not portable"),
+    (_body(resolution=100), "resolution", "multiple of 64"),
+    (_body(steps="10"), "steps", "integer"),
+    (_body(rank=0), "rank", ">= 1"),
+    (_body(learning_rate=-1), "learning_rate", ">"),
+    (_body(preset="turbo"), "preset", "unknown preset"),
+    (_body(colour="red"), "colour", "unknown field"),
+    (_body(image_dir="/tmp"), "images", "either"),
+    (_body(images=["%%%"]), "images[0]", "base64"),
+    (_body(captions=["x"]), "captions", "one per picture"),
+    (_body(images=None, image_dir="/does/not/exist"), "image_dir", "does not exist"),
+    (_body(train_text_encoder="yes"), "train_text_encoder", "true or false"),
+])
+def test_invalid_requests_get_422_naming_the_field(webui, body, field, text):
+    before = snapshot(webui.sd_model)
+    r = webui.client.post("/charlora/v1/train", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and text in r.json()["detail"]
+    assert webui.service.runner.list() == [] and not os.path.exists(webui.lora_dir)
+    assert_unchanged(before, webui.sd_model)
+
+
+def test_too_few_usable_pictures(webui):
+    r = webui.client.post("/charlora/v1/train", json=_body(images=PICS[:3] + [base64.b64encode(b"junk").decode()]))
+    assert r.status_code == 422 and "only 3 usable pictures" in r.json()["detail"]
+    files = r.json()["report"]["files"]
+    assert [f["accepted"] for f in files] == [True, True, True, False] and "not an image" in files[3]["reason"]
+    assert webui.client.post("/charlora/v1/train", content=b"not json").status_code == 422
+
+
+def test_jobs_queue_behind_the_lock_and_stop(webui):
+    webui.lock.acquire()  # a txt2img generation is running
+    try:
+        first = webui.client.post("/charlora/v1/train", json=_body(name="a", steps=200)).json()["job_id"]
+        second = webui.client.post("/charlora/v1/train", json=_body(name="b", steps=200)).json()["job_id"]
+        time.sleep(0.3)
+        statuses = {j["job_id"]: j["status"] for j in webui.client.get("/charlora/v1/jobs").json()["jobs"]}
+        assert statuses == {first: "running", second: "queued"}  # the worker waits for the lock
+        assert webui.client.get(f"/charlora/v1/jobs/{first}").json()["step"] == 0
+    finally:
+        webui.lock.release()
+    _wait(webui.client, first, statuses=("running",))
+    while webui.client.get(f"/charlora/v1/jobs/{first}").json()["step"] < 2:
+        time.sleep(0.05)
+    r = webui.client.post(f"/charlora/v1/jobs/{first}/stop", json={"save": False})
+    assert r.status_code == 200
+    assert _wait(webui.client, first)["status"] == "cancelled"
+    _wait(webui.client, second, statuses=("running",))
+    while webui.client.get(f"/charlora/v1/jobs/{second}").json()["step"] < 2:
+        time.sleep(0.05)
+    webui.client.post(f"/charlora/v1/jobs/{second}/stop", json={"save": True})
+    done = _wait(webui.client, second)
+    assert done["status"] == "done" and done["step"] < 200 and os.path.isfile(done["lora_path"])
+    assert sorted(os.listdir(webui.lora_dir)) == ["b.json", "b.preview.png", "b.safetensors"]
+    assert webui.client.post("/charlora/v1/jobs/nope/stop", json={}).status_code == 404
+    assert webui.client.get("/charlora/v1/jobs/nope").status_code == 404
+
+
+def test_webui_interrupt_stops_and_saves(webui):
+    job_id = webui.client.post("/charlora/v1/train", json=_body(steps=500)).json()["job_id"]
+    _wait(webui.client, job_id, statuses=("running",))
+    while webui.client.get(f"/charlora/v1/jobs/{job_id}").json()["step"] < 1:
+        time.sleep(0.05)
+    webui.state.interrupted = True
+    job = _wait(webui.client, job_id)
+    assert job["status"] == "done" and job["step"] < 500 and os.path.isfile(job["lora_path"])
+
+
+def test_failure_is_reported_and_model_restored(webui, monkeypatch):
+    before = snapshot(webui.sd_model)
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(type(webui.sd_model), "apply_model", boom)
+    job_id = webui.client.post("/charlora/v1/train", json=_body()).json()["job_id"]
+    job = _wait(webui.client, job_id)
+    assert job["status"] == "failed" and "out of memory" in job["error"] and "Fast preset" in job["error"]
+    monkeypatch.undo()
+    assert_unchanged(before, webui.sd_model)
+    assert not os.path.exists(webui.lora_dir / "pip.safetensors")
+
+
+def test_api_auth(tmp_path):
+    service = TrainService(lambda: None, str(tmp_path))
+    app = FastAPI()
+    api.register(app, service, api_auth="alice:secret,bob:pw2")
+    client = TestClient(app)
+    assert client.get("/charlora/v1/jobs").status_code == 401
+    assert client.get("/charlora/v1/jobs", auth=("alice", "wrong")).status_code == 401
+    assert client.get("/charlora/v1/jobs", auth=("alice", "secret")).json() == {"jobs": []}
+    assert client.get("/charlora/v1/jobs", auth=("bob", "pw2")).status_code == 200
