@@ -8,4 +8,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints.txt -r requirements-dev.txt
 # ldm (the Stability-AI code A1111 runs for SD1/SD2), without its heavy pinned dependencies.
 .venv/bin/python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
-.venv/bin/python -c "import torch, diffusers, peft, ldm; print('environment ready: torch', torch.__version__)"
+.venv/bin/python -c "import torch, diffusers, peft, ldm, gradio; print('environment ready: torch', torch.__version__, 'gradio', gradio.__version__)"
+# A second environment with Forge's gradio 4.40.0 for the tab tests (gradio 3 and 4 cannot share one).
+[ -x .venv-gradio4/bin/python ] || "$PY" -m venv .venv-gradio4
+.venv-gradio4/bin/python -m pip install -q --upgrade pip
+.venv-gradio4/bin/python -m pip install -q -c constraints.txt -r requirements-gradio4.txt
+.venv-gradio4/bin/python -c "import gradio; print('gradio 4 environment ready:', gradio.__version__)"

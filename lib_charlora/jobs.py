@@ -50,8 +50,7 @@ class JobRunner:
         self._cv = threading.Condition()
         self._keep = keep
         self._counter = itertools.count(1)
-        self._thread = threading.Thread(target=self._work, name="charlora-jobs", daemon=True)
-        self._thread.start()
+        self._thread = None
 
     def submit(self, name, spec):
         job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", name=name, spec=spec)
@@ -59,7 +58,11 @@ class JobRunner:
             self._jobs[job.id] = job
             self._queue.append(job)
             self._trim()
-            self._cv.notify()
+            if self._thread is None:
+                # A worker only while there is work: a thread that has run torch ops slows torch in every
+                # other thread (the WebUI's generations) about 3x for as long as it lives (measured, CPU).
+                self._thread = threading.Thread(target=self._work, name="charlora-jobs", daemon=True)
+                self._thread.start()
         return job
 
     def get(self, job_id):
@@ -93,6 +96,11 @@ class JobRunner:
     def busy(self):
         return any(j.status in ("queued", "running") for j in self._jobs.values())
 
+    def idle(self, timeout=None):
+        """Wait until no worker thread is left (for tests and shutdown)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._thread is None, timeout)
+
     def _trim(self):
         done = [j for j in self._jobs.values() if j.status not in ("queued", "running")]
         for j in done[:max(0, len(self._jobs) - self._keep)]:
@@ -101,8 +109,10 @@ class JobRunner:
     def _work(self):
         while True:
             with self._cv:
-                while not self._queue:
-                    self._cv.wait()
+                if not self._queue:
+                    self._thread = None
+                    self._cv.notify_all()
+                    return
                 job = self._queue.pop(0)
                 job.status = "running"
             try:

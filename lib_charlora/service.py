@@ -49,8 +49,11 @@ class TrainService:
         self.runner = JobRunner(self._run, lock)
 
     # -- requests ----------------------------------------------------------------------------------
-    def parse(self, body):
-        """JSON body -> TrainSpec, or ConfigError / DatasetError naming the problem."""
+    def parse(self, body, files=None):
+        """JSON body -> TrainSpec, or ConfigError / DatasetError naming the problem.
+
+        ``files`` ([(name, bytes, caption)]) replaces ``images`` / ``image_dir`` (the WebUI tab's uploads).
+        """
         if not isinstance(body, dict):
             raise ConfigError("body", "must be a JSON object")
         unknown = sorted(set(body) - _FIELDS)
@@ -76,7 +79,15 @@ class TrainService:
         cfg = TrainConfig(name=name, trigger=trigger.strip(), **values).validate()
         if os.path.exists(os.path.join(self.lora_dir, name + ".safetensors")) and not cfg.overwrite:
             raise ConfigError("name", f"a LoRA named '{name}' already exists; choose another name or set overwrite")
-        images, report = self._intake(body, cfg.resolution)
+        if files is not None:
+            if body.get("images") is not None or body.get("image_dir") is not None:
+                raise ConfigError("images", "give either uploaded pictures or a folder, not both")
+            images, report = load_uploads(files, cfg.resolution)
+            if report.errors:
+                raise DatasetError("; ".join(report.errors), report)
+            report = report.to_dict()
+        else:
+            images, report = self._intake(body, cfg.resolution)
         return TrainSpec(cfg, images, report)
 
     def _intake(self, body, resolution):
@@ -107,8 +118,8 @@ class TrainService:
             raise DatasetError("; ".join(report.errors), report)
         return images, report.to_dict()
 
-    def submit(self, body):
-        spec = self.parse(body)
+    def submit(self, body, files=None):
+        spec = self.parse(body, files)
         job = self.runner.submit(spec.config.name, spec)
         job.total_steps = spec.config.steps
         job.lora_name = spec.config.name
@@ -122,7 +133,17 @@ class TrainService:
         host = self.host_factory()
         state = self.state
         if state is not None:
+            if hasattr(state, "begin"):
+                state.begin(job="charlora-train")
             state.job, state.job_count, state.job_no = "charlora-train", spec.config.steps, 0
+        try:
+            return self._train(job, host, state)
+        finally:
+            if state is not None and hasattr(state, "end"):
+                state.end()
+
+    def _train(self, job, host, state):
+        spec = job.spec
 
         def progress(p):
             job.step, job.loss, job.eta_seconds = p.step, p.loss, p.eta

@@ -174,3 +174,12 @@ def test_api_auth(tmp_path):
     assert client.get("/charlora/v1/jobs", auth=("alice", "wrong")).status_code == 401
     assert client.get("/charlora/v1/jobs", auth=("alice", "secret")).json() == {"jobs": []}
     assert client.get("/charlora/v1/jobs", auth=("bob", "pw2")).status_code == 200
+
+
+def test_no_worker_thread_outlives_the_queue(webui):
+    import threading as th
+    job_id = webui.client.post("/charlora/v1/train", json=_body()).json()["job_id"]
+    _wait(webui.client, job_id)
+    assert webui.service.runner.idle(timeout=10)
+    # a live thread that ran torch would slow every torch call in the WebUI's other threads
+    assert not any(t.name == "charlora-jobs" and t.is_alive() for t in th.enumerate() if t is not th.current_thread())

@@ -1,0 +1,183 @@
+"""The "Character LoRA" tab (gradio 3.41.2 in A1111 / reForge, 4.40.0 in Forge).
+
+The tab is a thin layer over ``TrainService``: it reads uploads or a server folder, shows the
+intake report with thumbnails and an editable caption table, submits a job (validated before it
+is queued, like the API) and follows it with a generator, so the tab shows step, loss and ETA.
+"""
+import html
+import os
+import time
+
+import gradio as gr
+
+from .engine.dataset import DatasetError, load_folder, load_uploads
+from .engine.errors import CharLoraError, ConfigError
+
+GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
+PRESET_LABELS = {"Fast": "fast", "Balanced": "balanced", "Quality": "quality"}
+ADVANCED = [  # (request field, label, default, kind)
+    ("steps", "Steps", 1500, "int"), ("rank", "Rank", 16, "int"), ("alpha", "Alpha", 8, "float"),
+    ("learning_rate", "UNet learning rate", 1e-4, "float"), ("text_encoder_lr", "Text encoder learning rate", 5e-5, "float"),
+    ("resolution", "Resolution", 512, "int"), ("batch_size", "Batch size", 1, "int"), ("seed", "Seed", 0, "int"),
+    ("sample_every", "Save a checkpoint every N steps (0 = off)", 0, "int"),
+]
+
+
+def _click(button, fn, inputs, outputs, js=None):
+    kwargs = {}
+    if js:
+        kwargs["js" if GRADIO4 else "_js"] = js
+    return button.click(fn=fn, inputs=inputs, outputs=outputs, **kwargs)
+
+
+def _file_list(files):
+    """gradio 3 passes tempfile wrappers (``.name``), gradio 4 paths."""
+    out = []
+    for f in files or []:
+        path = getattr(f, "name", f)
+        with open(path, "rb") as fh:
+            out.append((os.path.basename(getattr(f, "orig_name", None) or path), fh.read()))
+    return out
+
+
+def _report_html(report):
+    rows = []
+    for f in report.files:
+        state = "ok" if f.accepted else "rejected"
+        detail = "; ".join(([f.reason] if f.reason else []) + list(f.warnings))
+        rows.append(f"<tr><td>{html.escape(f.name)}</td><td>{state}</td><td>{html.escape(detail)}</td></tr>")
+    head = f"<p><b>{len(report.accepted)}</b> pictures accepted, <b>{len(report.rejected)}</b> rejected</p>"
+    notes = "".join(f"<p class='charlora-error'>{html.escape(e)}</p>" for e in report.errors) + \
+        "".join(f"<p class='charlora-warning'>{html.escape(w)}</p>" for w in report.warnings)
+    return head + notes + "<table><tr><th>file</th><th></th><th>notes</th></tr>" + "".join(rows) + "</table>"
+
+
+def read_pictures(files, folder, resolution):
+    """-> (images, report) from the upload list or the folder path."""
+    uploads = _file_list(files)
+    folder = (folder or "").strip()
+    if uploads and folder:
+        raise ConfigError("images", "choose either uploaded pictures or a server folder, not both")
+    if folder:
+        return load_folder(folder, int(resolution))
+    if not uploads:
+        raise ConfigError("images", "add pictures (or give a folder on the server)")
+    return load_uploads([(n, b, None) for n, b in uploads], int(resolution))
+
+
+def create_tab(service, model_info=lambda: "no checkpoint information"):
+    """Build the tab's Blocks. ``service``: a ``TrainService``; ``model_info()``: the loaded checkpoint as text."""
+    with gr.Blocks(analytics_enabled=False) as tab:
+        job_state = gr.State(None)
+        with gr.Row():
+            model_md = gr.Markdown(model_info())
+            refresh = gr.Button("Refresh model info", elem_id="charlora_refresh_model")
+        with gr.Row():
+            name = gr.Textbox(label="Character name (file name)", placeholder="pip_v1", elem_id="charlora_name")
+            trigger = gr.Textbox(label="Trigger word", placeholder="pipchr", elem_id="charlora_trigger")
+        with gr.Row():
+            files = gr.File(label="Pictures (20-50 work best)", file_count="multiple", elem_id="charlora_files")
+            folder = gr.Textbox(label="…or a folder on the server", placeholder="/path/to/pictures",
+                                elem_id="charlora_folder")
+        check = gr.Button("Check pictures", elem_id="charlora_check")
+        report_html = gr.HTML(elem_id="charlora_report")
+        gallery = gr.Gallery(label="Accepted pictures", columns=6, height=240, elem_id="charlora_gallery")
+        captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
+                                label="Captions (edit in place; empty = template)", elem_id="charlora_captions")
+        preset = gr.Radio(list(PRESET_LABELS), value="Balanced", label="Preset", elem_id="charlora_preset")
+        with gr.Accordion("Advanced", open=False):
+            use_advanced = gr.Checkbox(label="Use these values instead of the preset's", value=False)
+            adv = []
+            with gr.Row():
+                for field, label, default, kind in ADVANCED:
+                    adv.append(gr.Number(label=label, value=default, precision=0 if kind == "int" else None))
+            train_te = gr.Checkbox(label="Train the text encoder", value=True)
+        with gr.Row():
+            train = gr.Button("Train", variant="primary", elem_id="charlora_train")
+            stop_save = gr.Button("Stop and save", elem_id="charlora_stop")
+            cancel = gr.Button("Cancel", elem_id="charlora_cancel")
+        status = gr.HTML(elem_id="charlora_status")
+        with gr.Row():
+            preview = gr.Image(label="Preview", interactive=False, elem_id="charlora_preview")
+            result = gr.Textbox(label="LoRA", interactive=False, elem_id="charlora_result")
+        send = gr.Button("Use in txt2img", elem_id="charlora_send")
+
+        def on_check(files_, folder_, resolution):
+            try:
+                images, report = read_pictures(files_, folder_, resolution)
+            except (CharLoraError, DatasetError) as e:
+                return f"<p class='charlora-error'>{html.escape(str(e))}</p>", [], [["", ""]]
+            thumbs = [(im.image.copy(), im.name) for im in images]
+            for t, _ in thumbs:
+                t.thumbnail((256, 256))
+            table = [[im.name, im.caption or ""] for im in images] or [["", ""]]
+            return _report_html(report), thumbs, table
+
+        def on_train(files_, folder_, table, name_, trigger_, preset_, use_adv, te, *adv_values):
+            body = {"name": (name_ or "").strip(), "preset": PRESET_LABELS.get(preset_, "balanced")}
+            if (trigger_ or "").strip():
+                body["trigger"] = trigger_.strip()
+            if use_adv:
+                for (field, _, _, kind), value in zip(ADVANCED, adv_values):
+                    body[field] = int(value) if kind == "int" else float(value)
+                body["train_text_encoder"] = bool(te)
+            try:
+                if (folder_ or "").strip():
+                    body["image_dir"] = folder_.strip()
+                    job = service.submit(body)
+                else:
+                    given = {}
+                    for row in _rows(table):
+                        if row and row[0]:
+                            given[str(row[0])] = (str(row[1]).strip() or None) if len(row) > 1 else None
+                    uploads = [(n, b, given.get(n)) for n, b in _file_list(files_)]
+                    job = service.submit(body, files=uploads)
+            except (CharLoraError, DatasetError) as e:
+                yield None, f"<p class='charlora-error'>{html.escape(str(e))}</p>", None, ""
+                return
+            while job.status in ("queued", "running"):
+                yield job.id, _status_html(job), None, ""
+                time.sleep(0.5)
+            picture = None
+            if job.lora_path:
+                stem = job.lora_path[:-len(".safetensors")]
+                picture = stem + ".preview.png" if os.path.exists(stem + ".preview.png") else None
+            text = f"<lora:{job.lora_name}:1> {job.spec.config.trigger}" if job.lora_path else ""
+            yield job.id, _status_html(job), picture, text
+
+        def on_stop(job_id, save):
+            job = service.runner.stop(job_id, save=save) if job_id else None
+            return _status_html(job) if job else "<p>No training is running.</p>"
+
+        _click(refresh, lambda: model_info(), [], [model_md])
+        _click(check, on_check, [files, folder, adv[5]], [report_html, gallery, captions])
+        _click(train, on_train, [files, folder, captions, name, trigger, preset, use_advanced, train_te, *adv],
+               [job_state, status, preview, result])
+        _click(stop_save, lambda j: on_stop(j, True), [job_state], [status])
+        _click(cancel, lambda j: on_stop(j, False), [job_state], [status])
+        _click(send, None, [result], [], js="charloraSendToTxt2img")
+        tab.charlora = {"train": on_train, "check": on_check, "stop": on_stop}
+    return tab
+
+
+def _rows(table):
+    if table is None:
+        return []
+    if hasattr(table, "values"):  # pandas DataFrame
+        return table.values.tolist()
+    return table
+
+
+def _status_html(job):
+    parts = [f"<b>{html.escape(job.status)}</b>", f"step {job.step}/{job.total_steps}"]
+    if job.loss is not None:
+        parts.append(f"loss {job.loss:.4f}")
+    if job.eta_seconds is not None and job.status == "running":
+        parts.append(f"ETA {job.eta_seconds:.0f} s")
+    out = "<p>" + " · ".join(parts) + "</p>"
+    if job.error:
+        out += f"<p class='charlora-error'>{html.escape(job.error)}</p>"
+    if job.lora_path:
+        out += f"<p>Saved {html.escape(job.lora_path)}</p>"
+    out += "".join(f"<p class='charlora-warning'>{html.escape(w)}</p>" for w in job.warnings)
+    return out

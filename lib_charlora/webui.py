@@ -1,0 +1,50 @@
+"""Glue to a running A1111 / reForge: one TrainService over the loaded model, the API and the tab.
+
+Imported only inside the WebUI (``scripts/charlora.py``); everything WebUI-specific is read here.
+"""
+import os
+
+_service = None
+
+
+def lora_dir():
+    from modules import shared
+    path = getattr(shared.cmd_opts, "lora_dir", None)
+    if not path:
+        from modules import paths
+        path = os.path.join(paths.models_path, "Lora")
+    return path
+
+
+def service():
+    """The one service (and job queue) shared by the tab and the API."""
+    global _service
+    if _service is None:
+        from modules import call_queue, shared
+        from .hosts.a1111 import A1111Host
+        from .service import TrainService
+        _service = TrainService(A1111Host.from_webui, lora_dir(), lock=call_queue.queue_lock, state=shared.state)
+    return _service
+
+
+def model_info():
+    from modules import shared
+    m = shared.sd_model
+    if m is None:
+        return "**No checkpoint loaded.**"
+    info = getattr(m, "sd_checkpoint_info", None)
+    arch = "SDXL" if getattr(m, "is_sdxl", False) else "SD2" if getattr(m, "is_sd2", False) else "SD1"
+    pred = " (v-prediction)" if getattr(m, "parameterization", "eps") == "v" else ""
+    return f"Training on the loaded checkpoint: **{getattr(info, 'name', '?')}** — {arch}{pred}"
+
+
+def on_app_started(_demo, app):
+    from modules import shared
+    from . import api
+    api.register(app, service(), getattr(shared.cmd_opts, "api_auth", None))
+
+
+def on_ui_tabs():
+    from . import ui
+    tab = ui.create_tab(service(), model_info)
+    return [(tab, "Character LoRA", "charlora")]

@@ -1,0 +1,122 @@
+"""The tab: builds and is wired under the installed gradio (3.41.2 in .venv; 4.40.0 in .venv-gradio4,
+run by test_ui_under_gradio4), and drives a real training through the service."""
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+from lib_charlora import ui  # noqa: E402
+
+HAVE_MODELS = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("diffusers") is not None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NS = types.SimpleNamespace
+
+
+class StubService:
+    """Records what the tab submits (for the gradio-4 environment, which has no model libraries)."""
+
+    def __init__(self):
+        self.calls = []
+        self.runner = NS(stop=lambda job_id, save=True: None)
+
+    def submit(self, body, files=None):
+        self.calls.append((body, files))
+        return NS(id="1", status="done", step=3, total_steps=3, loss=0.5, eta_seconds=0.0, error=None,
+                  lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t")))
+
+
+def _fns(blocks):
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    return list(fns)
+
+
+def _pictures(tmp_path, n=6):
+    from PIL import Image
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"pic{i}.png"
+        Image.new("RGB", (96, 80), (40 * i, 100, 200 - 20 * i)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_tab_builds_and_is_wired(tmp_path):
+    service = StubService()
+    tab = ui.create_tab(service, lambda: "model: tiny")
+    assert isinstance(tab, gr.Blocks)
+    fns = _fns(tab)
+    names = [getattr(f.fn, "__name__", None) for f in fns]
+    assert "on_train" in names and "on_check" in names
+    train = fns[names.index("on_train")]
+    assert len(train.inputs) == 8 + len(ui.ADVANCED) and len(train.outputs) == 4
+    # the handler itself: uploads as gradio 4 passes them (paths) and as gradio 3 does (objects with .name)
+    paths = _pictures(tmp_path)
+    for files in (paths, [NS(name=p) for p in paths]):
+        html, thumbs, table = tab.charlora["check"](files, "", 64)
+        assert "<b>6</b> pictures accepted" in html and len(thumbs) == 6 and len(table) == 6
+    out = list(tab.charlora["train"](paths, "", [["pic0.png", "pipchr, smiling"]], "pip", "pipchr", "Fast", False,
+                                     True, *[d for _, _, d, _ in ui.ADVANCED]))
+    body, files = service.calls[-1]
+    assert body == {"name": "pip", "preset": "fast", "trigger": "pipchr"}
+    assert [f[0] for f in files] == [os.path.basename(p) for p in paths]
+    assert files[0][2] == "pipchr, smiling" and files[1][2] is None
+    assert "done" in out[-1][1]
+    html, _, _ = tab.charlora["check"]([], "", 64)
+    assert "add pictures" in html
+
+
+def test_under_gradio4():
+    venv = os.path.join(ROOT, ".venv-gradio4", "bin", "python")
+    if gr.__version__.startswith("4"):
+        pytest.skip("this is the gradio 4 run")
+    if not os.path.exists(venv):
+        pytest.fail("the gradio 4 environment is missing: run dev/setup.sh")
+    out = subprocess.run([venv, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_ui.py")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "gradio 4.40.0" in out.stdout or "passed" in out.stdout
+
+
+def test_reports_gradio_version(capsys):
+    print(f"gradio {gr.__version__}")
+    assert gr.__version__ in ("3.41.2", "4.40.0")
+
+
+@pytest.mark.skipif(not HAVE_MODELS, reason="needs the model libraries (main environment)")
+def test_tab_trains_through_the_service(tmp_path):
+    from lib_charlora.hosts.a1111 import A1111Host
+    from lib_charlora.service import TrainService
+    from tests.a1111_double import make_sd_model
+    host = A1111Host(make_sd_model("sd1"), NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                     NS(device="cpu", fp8=False))
+    service = TrainService(lambda: host, str(tmp_path / "Lora"))
+    tab = ui.create_tab(service)
+    adv = [d for _, _, d, _ in ui.ADVANCED]
+    adv[0], adv[5] = 3, 64  # steps, resolution
+    out = list(tab.charlora["train"](_pictures(tmp_path), "", None, "pip", "pipchr", "Fast", True, False, *adv))
+    job_id, status, preview, text = out[-1]
+    assert "<b>done</b>" in status and text == "<lora:pip:1> pipchr"
+    assert preview and os.path.isfile(preview) and os.path.isfile(tmp_path / "Lora" / "pip.safetensors")
+    # a bad name is refused in the tab before anything is queued
+    out = list(tab.charlora["train"](_pictures(tmp_path), "", None, "a/b", "", "Fast", False, False, *adv))
+    assert len(out) == 1 and "path separator" in out[0][1]
+    assert "No training is running" in tab.charlora["stop"](None, True)
+
+
+def test_scripts_entry_registers_tab_and_api(monkeypatch):
+    registered = {}
+    fake = types.ModuleType("modules")
+    fake.script_callbacks = NS(on_ui_tabs=lambda f: registered.setdefault("tabs", f),
+                               on_app_started=lambda f: registered.setdefault("app", f))
+    monkeypatch.setitem(sys.modules, "modules", fake)
+    monkeypatch.setitem(sys.modules, "modules.script_callbacks", fake.script_callbacks)
+    spec = importlib.util.spec_from_file_location("charlora.py", os.path.join(ROOT, "scripts", "charlora.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(ROOT)
+    spec.loader.exec_module(module)
+    from lib_charlora import webui
+    assert registered == {"tabs": webui.on_ui_tabs, "app": webui.on_app_started}
