@@ -142,3 +142,39 @@ def test_clip_skip_and_sizes_reach_the_model(images):
         a = xl.encode_text(["pipchr"], [(1024, 768, 0, 0, 64, 64)])["vector"]
         b = xl.encode_text(["pipchr"], [(512, 512, 32, 0, 64, 64)])["vector"]
     assert a.shape == b.shape and not torch.allclose(a, b)  # per-picture size / crop conditioning
+
+
+def test_card_preview_comes_from_the_webui_sampler_with_the_lora_active(images, tmp_path):
+    from PIL import Image
+    sd_model = make_sd_model("sd1")
+    calls = []
+
+    class Txt2Img:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    def process_images(p):
+        hooked = sum(len(m._forward_hooks) for m in sd_model.model.diffusion_model.modules())
+        calls.append((p.kw, hooked))
+        return NS(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (1, 2, 3))])
+
+    host = A1111Host(sd_model, NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                     NS(device="cpu", fp8=False), None, processing=NS(StableDiffusionProcessingTxt2Img=Txt2Img,
+                                                                      process_images=process_images))
+    before = snapshot(sd_model)
+    result = Trainer(host, _cfg(seed=7), images, str(tmp_path)).run()
+    (kw, hooked), = calls
+    assert kw["prompt"] == "pipchr" and kw["seed"] == 7 and (kw["width"], kw["height"]) == (64, 64)
+    assert kw["do_not_save_samples"] and kw["sd_model"] is sd_model
+    assert hooked == 192  # every UNet target carries our LoRA while the WebUI samples
+    assert Image.open(tmp_path / "char.preview.png").getpixel((0, 0)) == (1, 2, 3)
+    assert_unchanged(before, sd_model)
+    # the built-in Lora extension disabled: training works, the refresh is skipped with a note
+    assert "built-in Lora extension is disabled" in host.refresh_lora_list()
+
+    def broken(p):
+        raise RuntimeError("sampler exploded")
+    host.processing = NS(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=broken)
+    result = Trainer(host, _cfg(name="char2"), images, str(tmp_path)).run()
+    assert result.status == "done" and any("preview picture could not be made" in w for w in result.warnings)
+    assert os.path.isfile(tmp_path / "char2.preview.png")

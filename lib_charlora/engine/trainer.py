@@ -274,6 +274,9 @@ class Trainer:
             with torch.no_grad():
                 self.network.eval()
                 image = host.sample(cfg.trigger or cfg.name, cfg.seed, cfg.resolution, cfg.resolution)
+        except Exception as e:  # a failed preview must not cost the trained LoRA
+            self.warnings.append(f"the preview picture could not be made ({type(e).__name__}: {e}); "
+                                 "the first training picture is used as the card image")
         finally:
             self.network.train()
         if image is None:  # the host has no sampler: use the first training image as the card picture

@@ -26,9 +26,11 @@ def _unwrap(module):
 
 
 class A1111Host(Host):
-    def __init__(self, sd_model, cmd_opts=None, opts=None, devices=None, networks=None, known_names=()):
+    def __init__(self, sd_model, cmd_opts=None, opts=None, devices=None, networks=None, known_names=(),
+                 processing=None):
         self.sd_model = sd_model
         self.cmd_opts, self.opts, self.webui_devices, self.networks = cmd_opts, opts, devices, networks
+        self.processing = processing
         self.known_names = tuple(known_names)
         self._refuse_unsupported()
         m = sd_model
@@ -61,7 +63,7 @@ class A1111Host(Host):
 
     @classmethod
     def from_webui(cls):  # pragma: no cover - needs a running WebUI
-        from modules import devices, shared
+        from modules import devices, processing, shared
         try:
             import networks  # the built-in Lora extension
         except ImportError:
@@ -74,7 +76,7 @@ class A1111Host(Host):
             pass
         if networks is not None:
             known += list(getattr(networks, "available_networks", {}))
-        return cls(shared.sd_model, shared.cmd_opts, shared.opts, devices, networks, known)
+        return cls(shared.sd_model, shared.cmd_opts, shared.opts, devices, networks, known, processing)
 
     # -- what cannot be trained -----------------------------------------------------------------
     def _refuse_unsupported(self):
@@ -128,6 +130,23 @@ class A1111Host(Host):
         if self.arch == "sdxl":
             return self.sd_model.apply_model(noisy, timesteps, cond)
         return self.sd_model.apply_model(noisy, timesteps, cond["c"])
+
+    def sample(self, prompt, seed, width, height, steps=20):
+        """A picture from the WebUI's own txt2img pipeline, with the attached LoRA active."""
+        if self.processing is None:
+            return None
+        p = self.processing.StableDiffusionProcessingTxt2Img(
+            sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
+            height=height, cfg_scale=7.0, sampler_name="Euler a", batch_size=1, n_iter=1,
+            do_not_save_samples=True, do_not_save_grid=True)
+        try:
+            processed = self.processing.process_images(p)
+        finally:
+            close = getattr(p, "close", None)
+            if close:
+                close()
+        images = getattr(processed, "images", None) or []
+        return images[0] if images else None
 
     @property
     def in_channels(self):
