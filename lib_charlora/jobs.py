@@ -33,6 +33,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     finished_at: Optional[float] = None
     cancel: CancelToken = field(default_factory=CancelToken)
+    output_dir: Optional[str] = None
 
     def to_dict(self):
         return {"job_id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,

@@ -43,8 +43,10 @@ def _b64(value, index):
 
 
 class TrainService:
-    def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None):
-        self.host_factory, self.lora_dir, self.state = host_factory, lora_dir, state
+    def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
+                 settings=None):
+        self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
+        self.settings = settings or (lambda: {})
         self.latent_cache_dir, self.caption_provider = latent_cache_dir, caption_provider
         self.runner = JobRunner(self._run, lock)
 
@@ -70,7 +72,8 @@ class TrainService:
             if key in body and not isinstance(body[key], bool):
                 raise ConfigError(key, f"must be true or false, got {body[key]!r}")
         host = self.host_factory()
-        values = preset(body.get("preset", "balanced"), host.arch, host.prediction)
+        settings = self.settings()
+        values = preset(body.get("preset", settings.get("default_preset", "balanced")), host.arch, host.prediction)
         for key in (*_NUMERIC, *_BOOL):
             if key in body:
                 values["save_every" if key == "sample_every" else key] = body[key]
@@ -120,12 +123,25 @@ class TrainService:
 
     def submit(self, body, files=None):
         spec = self.parse(body, files)
+        output_dir = self.lora_dir
         job = self.runner.submit(spec.config.name, spec)
+        job.output_dir = output_dir
         job.total_steps = spec.config.steps
         job.lora_name = spec.config.name
         job.warnings += spec.report["warnings"] + [f"{f['name']}: {w}" for f in spec.report["files"]
                                                    for w in f["warnings"]]
         return job
+
+    @property
+    def lora_dir(self):
+        """The WebUI's Lora folder, or the sub-folder chosen in Settings."""
+        sub = (self.settings().get("subfolder") or "").strip().strip("/\\")
+        if not sub:
+            return self.base_lora_dir
+        parts = sub.replace("\\", "/").split("/")
+        if any(p in ("", ".", "..") for p in parts) or os.path.isabs(sub):
+            raise ConfigError("subfolder", f"the output sub-folder {sub!r} must be a plain relative folder name")
+        return os.path.join(self.base_lora_dir, *parts)
 
     # -- the worker ----------------------------------------------------------------------------------
     def _run(self, job):
@@ -155,12 +171,25 @@ class TrainService:
                 if getattr(state, "interrupted", False):  # the WebUI's Interrupt button: stop and save
                     job.cancel.stop(save=True)
 
-        trainer = Trainer(host, spec.config, spec.images, self.lora_dir, progress=progress, cancel=job.cancel,
+        trainer = Trainer(host, spec.config, spec.images, job.output_dir, progress=progress, cancel=job.cancel,
                           caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir)
         result = trainer.run()
+        if result.status == "done" and not self.settings().get("keep_checkpoints", False):
+            _remove_checkpoints(trainer.checkpoint_dir, spec.config.name)
         job.warnings += [w for w in trainer.warnings if w not in job.warnings]
         if result.path:
             note = getattr(host, "refresh_lora_list", lambda: None)()
             if note:
                 job.warnings.append(note)
         return result
+
+
+def _remove_checkpoints(directory, name):
+    """Intermediate checkpoints of a finished run (inside the Lora folder they would show as cards)."""
+    if not os.path.isdir(directory):
+        return
+    for f in os.listdir(directory):
+        if f.startswith(name + "-step") and f.endswith((".safetensors", ".state")):
+            os.remove(os.path.join(directory, f))
+    if not os.listdir(directory):
+        os.rmdir(directory)

@@ -23,7 +23,8 @@ def service():
         from modules import call_queue, shared
         from .hosts.a1111 import A1111Host
         from .service import TrainService
-        _service = TrainService(A1111Host.from_webui, lora_dir(), lock=call_queue.queue_lock, state=shared.state)
+        _service = TrainService(A1111Host.from_webui, lora_dir(), lock=call_queue.queue_lock, state=shared.state,
+                                settings=settings)
     return _service
 
 
@@ -48,3 +49,28 @@ def on_ui_tabs():
     from . import ui
     tab = ui.create_tab(service(), model_info)
     return [(tab, "Character LoRA", "charlora")]
+
+
+SECTION = ("charlora", "Character LoRA")
+
+
+def settings():
+    from modules import shared
+    o = shared.opts
+    return {"default_preset": {"Fast": "fast", "Quality": "quality"}.get(getattr(o, "charlora_default_preset", ""),
+                                                                         "balanced"),
+            "subfolder": getattr(o, "charlora_subfolder", ""),
+            "keep_checkpoints": bool(getattr(o, "charlora_keep_checkpoints", False))}
+
+
+def on_ui_settings():
+    import gradio as gr
+    from modules import shared
+    add = shared.opts.add_option
+    add("charlora_default_preset", shared.OptionInfo("Balanced", "Default preset", gr.Radio,
+                                                     {"choices": ["Fast", "Balanced", "Quality"]}, section=SECTION))
+    add("charlora_subfolder", shared.OptionInfo("", "Save trained LoRAs in this sub-folder of the Lora folder "
+                                                    "(empty: the Lora folder itself)", section=SECTION))
+    add("charlora_keep_checkpoints", shared.OptionInfo(False, "Keep intermediate checkpoints after a finished "
+                                                              "training (they show as extra Lora cards)",
+                                                       section=SECTION))

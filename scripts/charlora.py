@@ -16,3 +16,4 @@ if script_callbacks is not None:
 
     script_callbacks.on_ui_tabs(webui.on_ui_tabs)
     script_callbacks.on_app_started(webui.on_app_started)
+    script_callbacks.on_ui_settings(webui.on_ui_settings)

@@ -183,3 +183,42 @@ def test_no_worker_thread_outlives_the_queue(webui):
     assert webui.service.runner.idle(timeout=10)
     # a live thread that ran torch would slow every torch call in the WebUI's other threads
     assert not any(t.name == "charlora-jobs" and t.is_alive() for t in th.enumerate() if t is not th.current_thread())
+
+
+def test_settings_subfolder_default_preset_and_checkpoints(tmp_path):
+    host = A1111Host(make_sd_model("sd1"), NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                     NS(device="cpu", fp8=False))
+    chosen = {"default_preset": "fast", "subfolder": "characters", "keep_checkpoints": False}
+    service = TrainService(lambda: host, str(tmp_path / "Lora"), settings=lambda: dict(chosen))
+    body = {"name": "pip", "images": PICS, "steps": 4, "resolution": 64, "sample_every": 2}
+    spec = service.parse(dict(body))
+    assert spec.config.rank == 8  # the Fast preset from Settings
+    job = service.submit(dict(body))
+    service.runner.wait(job.id, 60)
+    assert job.status == "done" and job.lora_path == str(tmp_path / "Lora" / "characters" / "pip.safetensors")
+    assert sorted(os.listdir(tmp_path / "Lora" / "characters")) == ["pip.json", "pip.preview.png", "pip.safetensors"]
+    chosen["keep_checkpoints"] = True
+    job = service.submit(dict(body, name="pip2"))
+    service.runner.wait(job.id, 60)
+    assert sorted(os.listdir(tmp_path / "Lora" / "characters" / "pip2_checkpoints")) == \
+        ["pip2-step000002.safetensors", "pip2-step000002.state"]
+    chosen["subfolder"] = "../outside"
+    with pytest.raises(Exception, match="plain relative folder"):
+        service.submit(dict(body, name="pip3"))
+
+
+def test_webui_settings_registration(monkeypatch):
+    import sys
+    added = {}
+    opts = NS(add_option=lambda key, info: added.setdefault(key, info))
+    shared = NS(opts=opts, OptionInfo=lambda default, label, *a, **k: NS(default=default, label=label, section=k["section"]))
+    fake = types.ModuleType("modules")
+    fake.shared = shared
+    monkeypatch.setitem(sys.modules, "modules", fake)
+    monkeypatch.setitem(sys.modules, "modules.shared", shared)
+    from lib_charlora import webui
+    webui.on_ui_settings()
+    assert set(added) == {"charlora_default_preset", "charlora_subfolder", "charlora_keep_checkpoints"}
+    assert all(i.section == ("charlora", "Character LoRA") for i in added.values())
+    opts.charlora_default_preset, opts.charlora_subfolder, opts.charlora_keep_checkpoints = "Quality", "x", True
+    assert webui.settings() == {"default_preset": "quality", "subfolder": "x", "keep_checkpoints": True}

@@ -111,7 +111,8 @@ def test_scripts_entry_registers_tab_and_api(monkeypatch):
     registered = {}
     fake = types.ModuleType("modules")
     fake.script_callbacks = NS(on_ui_tabs=lambda f: registered.setdefault("tabs", f),
-                               on_app_started=lambda f: registered.setdefault("app", f))
+                               on_app_started=lambda f: registered.setdefault("app", f),
+                               on_ui_settings=lambda f: registered.setdefault("settings", f))
     monkeypatch.setitem(sys.modules, "modules", fake)
     monkeypatch.setitem(sys.modules, "modules.script_callbacks", fake.script_callbacks)
     spec = importlib.util.spec_from_file_location("charlora.py", os.path.join(ROOT, "scripts", "charlora.py"))
@@ -119,4 +120,4 @@ def test_scripts_entry_registers_tab_and_api(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)
     spec.loader.exec_module(module)
     from lib_charlora import webui
-    assert registered == {"tabs": webui.on_ui_tabs, "app": webui.on_app_started}
+    assert registered == {"tabs": webui.on_ui_tabs, "app": webui.on_app_started, "settings": webui.on_ui_settings}
