@@ -65,8 +65,10 @@ def read_pictures(files, folder, resolution):
     return load_uploads([(n, b, None) for n, b in uploads], int(resolution))
 
 
-def create_tab(service, model_info=lambda: "no checkpoint information"):
-    """Build the tab's Blocks. ``service``: a ``TrainService``; ``model_info()``: the loaded checkpoint as text."""
+def create_tab(service, model_info=lambda: "no checkpoint information", captioners=None):
+    """Build the tab's Blocks. ``service``: a ``TrainService``; ``model_info()``: the loaded checkpoint as
+    text; ``captioners``: {"BLIP": fn(image) -> str, ...} (the WebUI's interrogators; none = no button)."""
+    captioners = dict(captioners or {})
     with gr.Blocks(analytics_enabled=False) as tab:
         job_state = gr.State(None)
         with gr.Row():
@@ -84,6 +86,10 @@ def create_tab(service, model_info=lambda: "no checkpoint information"):
         gallery = gr.Gallery(label="Accepted pictures", columns=6, height=240, elem_id="charlora_gallery")
         captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
                                 label="Captions (edit in place; empty = template)", elem_id="charlora_captions")
+        with gr.Row(visible=bool(captioners)):
+            captioner = gr.Dropdown(list(captioners) or ["-"], value=(list(captioners) or ["-"])[0],
+                                    label="Interrogator", elem_id="charlora_captioner")
+            autocaption = gr.Button("Auto-caption empty captions", elem_id="charlora_autocaption")
         preset = gr.Radio(list(PRESET_LABELS), value="Balanced", label="Preset", elem_id="charlora_preset")
         with gr.Accordion("Advanced", open=False):
             use_advanced = gr.Checkbox(label="Use these values instead of the preset's", value=False)
@@ -145,6 +151,24 @@ def create_tab(service, model_info=lambda: "no checkpoint information"):
             text = f"<lora:{job.lora_name}:1> {job.spec.config.trigger}" if job.lora_path else ""
             yield job.id, _status_html(job), picture, text
 
+        def on_autocaption(files_, folder_, table, which, resolution):
+            fn = captioners.get(which)
+            if fn is None:
+                return table, "<p class='charlora-error'>No interrogator is available.</p>"
+            try:
+                images, _ = read_pictures(files_, folder_, resolution)
+            except (CharLoraError, DatasetError) as e:
+                return table, f"<p class='charlora-error'>{html.escape(str(e))}</p>"
+            given = {str(r[0]): (str(r[1]) if len(r) > 1 and r[1] is not None else "") for r in _rows(table) if r and r[0]}
+            rows, filled = [], 0
+            for im in images:
+                text = given.get(im.name, im.caption or "").strip()
+                if not text:
+                    text = (fn(im.image) or "").strip()
+                    filled += 1
+                rows.append([im.name, text])
+            return rows or [["", ""]], f"<p>{filled} captions written by {html.escape(which)}; edit them as needed.</p>"
+
         def on_stop(job_id, save):
             job = service.runner.stop(job_id, save=save) if job_id else None
             return _status_html(job) if job else "<p>No training is running.</p>"
@@ -153,10 +177,11 @@ def create_tab(service, model_info=lambda: "no checkpoint information"):
         _click(check, on_check, [files, folder, adv[5]], [report_html, gallery, captions])
         _click(train, on_train, [files, folder, captions, name, trigger, preset, use_advanced, train_te, *adv],
                [job_state, status, preview, result])
+        _click(autocaption, on_autocaption, [files, folder, captions, captioner, adv[5]], [captions, status])
         _click(stop_save, lambda j: on_stop(j, True), [job_state], [status])
         _click(cancel, lambda j: on_stop(j, False), [job_state], [status])
         _click(send, None, [result], [], js="charloraSendToTxt2img")
-        tab.charlora = {"train": on_train, "check": on_check, "stop": on_stop}
+        tab.charlora = {"train": on_train, "check": on_check, "stop": on_stop, "autocaption": on_autocaption}
     return tab
 
 

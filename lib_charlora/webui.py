@@ -45,9 +45,43 @@ def on_app_started(_demo, app):
     api.register(app, service(), getattr(shared.cmd_opts, "api_auth", None))
 
 
+def captioners():
+    """The WebUI's own interrogators, run under its queue lock (they use the GPU)."""
+    from modules import call_queue, shared
+
+    def blip(image):
+        it = shared.interrogator
+        import torch
+        with call_queue.queue_lock, torch.no_grad():
+            it.load()
+            try:
+                return it.generate_caption(image.convert("RGB"))
+            finally:
+                getattr(it, "unload", lambda: None)()  # honours "keep models in memory"
+
+    def deepbooru_tags(image):
+        from modules import deepbooru
+        with call_queue.queue_lock:
+            deepbooru.model.start()
+            try:  # no "(tag:0.93)" ranks: in a caption they would act as emphasis
+                return deepbooru.model.tag_multi(image.convert("RGB"), force_disable_ranks=True)
+            finally:
+                deepbooru.model.stop()
+
+    found = {}
+    if getattr(shared, "interrogator", None) is not None:
+        found["BLIP"] = blip
+    try:
+        from modules import deepbooru  # noqa: F401
+        found["DeepBooru"] = deepbooru_tags
+    except ImportError:
+        pass
+    return found
+
+
 def on_ui_tabs():
     from . import ui
-    tab = ui.create_tab(service(), model_info)
+    tab = ui.create_tab(service(), model_info, captioners())
     return [(tab, "Character LoRA", "charlora")]
 
 

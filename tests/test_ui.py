@@ -121,3 +121,20 @@ def test_scripts_entry_registers_tab_and_api(monkeypatch):
     spec.loader.exec_module(module)
     from lib_charlora import webui
     assert registered == {"tabs": webui.on_ui_tabs, "app": webui.on_app_started, "settings": webui.on_ui_settings}
+
+
+def test_autocaption_fills_only_empty_captions(tmp_path):
+    seen = []
+
+    def fake_blip(image):
+        seen.append(image.size)
+        return "a blue square"
+
+    tab = ui.create_tab(StubService(), captioners={"BLIP": fake_blip})
+    paths = _pictures(tmp_path, 5)
+    table = [["pic0.png", "pipchr, my own words"], ["pic1.png", ""]]
+    rows, note = tab.charlora["autocaption"](paths, "", table, "BLIP", 64)
+    assert rows[0] == ["pic0.png", "pipchr, my own words"]
+    assert [r[1] for r in rows[1:]] == ["a blue square"] * 4 and len(seen) == 4 and "4 captions" in note
+    rows, note = tab.charlora["autocaption"](paths, "", table, "nothing", 64)
+    assert rows == table and "No interrogator" in note
