@@ -12,3 +12,14 @@ function charloraSendToTxt2img(text) {
     if (typeof switch_to_txt2img === "function") switch_to_txt2img();
     return [];
 }
+
+// Train button: give the job a task id and follow it with the WebUI's own progress bar
+// (requestProgress / randomId from the WebUI's progressbar.js), as the built-in Train tab does.
+function charloraStartTraining() {
+    var id = randomId();
+    var anchor = gradioApp().getElementById("charlora_status");
+    if (anchor) requestProgress(id, anchor, null, function() {});
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}

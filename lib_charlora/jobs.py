@@ -34,6 +34,8 @@ class Job:
     finished_at: Optional[float] = None
     cancel: CancelToken = field(default_factory=CancelToken)
     output_dir: Optional[str] = None
+    task_id: Optional[str] = None          # the WebUI's progress-bar task id (tab only)
+    loss_history: list = field(default_factory=list)
 
     def to_dict(self):
         return {"job_id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,
@@ -53,8 +55,8 @@ class JobRunner:
         self._counter = itertools.count(1)
         self._thread = None
 
-    def submit(self, name, spec):
-        job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", name=name, spec=spec)
+    def submit(self, name, spec, **fields):
+        job = Job(id=f"{next(self._counter)}-{uuid.uuid4().hex[:8]}", name=name, spec=spec, **fields)
         with self._cv:
             self._jobs[job.id] = job
             self._queue.append(job)

@@ -44,8 +44,9 @@ def _b64(value, index):
 
 class TrainService:
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
-                 settings=None):
+                 settings=None, tasks=None):
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
+        self.tasks = tasks  # the WebUI's progress module: add_task_to_queue / start_task / finish_task
         self.settings = settings or (lambda: {})
         self.latent_cache_dir, self.caption_provider = latent_cache_dir, caption_provider
         self.runner = JobRunner(self._run, lock)
@@ -121,11 +122,12 @@ class TrainService:
             raise DatasetError("; ".join(report.errors), report)
         return images, report.to_dict()
 
-    def submit(self, body, files=None):
+    def submit(self, body, files=None, task_id=None):
         spec = self.parse(body, files)
         output_dir = self.lora_dir
-        job = self.runner.submit(spec.config.name, spec)
-        job.output_dir = output_dir
+        if task_id and self.tasks is not None:
+            self.tasks.add_task_to_queue(task_id)  # the WebUI's progress bar shows it as queued
+        job = self.runner.submit(spec.config.name, spec, task_id=task_id, output_dir=output_dir)
         job.total_steps = spec.config.steps
         job.lora_name = spec.config.name
         job.warnings += spec.report["warnings"] + [f"{f['name']}: {w}" for f in spec.report["files"]
@@ -152,9 +154,13 @@ class TrainService:
             if hasattr(state, "begin"):
                 state.begin(job="charlora-train")
             state.job, state.job_count, state.job_no = "charlora-train", spec.config.steps, 0
+        if job.task_id and self.tasks is not None:
+            self.tasks.start_task(job.task_id)
         try:
             return self._train(job, host, state)
         finally:
+            if job.task_id and self.tasks is not None:
+                self.tasks.finish_task(job.task_id)
             if state is not None and hasattr(state, "end"):
                 state.end()
 
@@ -163,6 +169,8 @@ class TrainService:
 
         def progress(p):
             job.step, job.loss, job.eta_seconds = p.step, p.loss, p.eta
+            if p.loss is not None and (not job.loss_history or job.loss_history[-1][1] != p.loss):
+                job.loss_history.append((p.step, p.loss))
             if state is not None:
                 state.job_no = p.step
                 loss = "-" if p.loss is None else f"{p.loss:.4f}"

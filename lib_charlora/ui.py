@@ -9,6 +9,7 @@ import os
 import time
 
 import gradio as gr
+import pandas as pd
 
 from .engine.dataset import DatasetError, load_folder, load_uploads
 from .engine.errors import CharLoraError, ConfigError
@@ -71,6 +72,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
     captioners = dict(captioners or {})
     with gr.Blocks(analytics_enabled=False) as tab:
         job_state = gr.State(None)
+        task_box = gr.Textbox(visible=False, elem_id="charlora_task")  # filled by JS with the progress task id
         with gr.Row():
             model_md = gr.Markdown(model_info())
             refresh = gr.Button("Refresh model info", elem_id="charlora_refresh_model")
@@ -103,6 +105,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             stop_save = gr.Button("Stop and save", elem_id="charlora_stop")
             cancel = gr.Button("Cancel", elem_id="charlora_cancel")
         status = gr.HTML(elem_id="charlora_status")
+        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, width=480, elem_id="charlora_loss")
         with gr.Row():
             preview = gr.Image(label="Preview", interactive=False, elem_id="charlora_preview")
             result = gr.Textbox(label="LoRA", interactive=False, elem_id="charlora_result")
@@ -119,7 +122,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             table = [[im.name, im.caption or ""] for im in images] or [["", ""]]
             return _report_html(report), thumbs, table
 
-        def on_train(files_, folder_, table, name_, trigger_, preset_, use_adv, te, *adv_values):
+        def on_train(task_id, files_, folder_, table, name_, trigger_, preset_, use_adv, te, *adv_values):
             body = {"name": (name_ or "").strip(), "preset": PRESET_LABELS.get(preset_, "balanced")}
             if (trigger_ or "").strip():
                 body["trigger"] = trigger_.strip()
@@ -130,26 +133,26 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             try:
                 if (folder_ or "").strip():
                     body["image_dir"] = folder_.strip()
-                    job = service.submit(body)
+                    job = service.submit(body, task_id=task_id or None)
                 else:
                     given = {}
                     for row in _rows(table):
                         if row and row[0]:
                             given[str(row[0])] = (str(row[1]).strip() or None) if len(row) > 1 else None
                     uploads = [(n, b, given.get(n)) for n, b in _file_list(files_)]
-                    job = service.submit(body, files=uploads)
+                    job = service.submit(body, files=uploads, task_id=task_id or None)
             except (CharLoraError, DatasetError) as e:
-                yield None, f"<p class='charlora-error'>{html.escape(str(e))}</p>", None, ""
+                yield None, f"<p class='charlora-error'>{html.escape(str(e))}</p>", None, "", _loss_frame(None)
                 return
             while job.status in ("queued", "running"):
-                yield job.id, _status_html(job), None, ""
+                yield job.id, _status_html(job), None, "", _loss_frame(job)
                 time.sleep(0.5)
             picture = None
             if job.lora_path:
                 stem = job.lora_path[:-len(".safetensors")]
                 picture = stem + ".preview.png" if os.path.exists(stem + ".preview.png") else None
             text = f"<lora:{job.lora_name}:1> {job.spec.config.trigger}" if job.lora_path else ""
-            yield job.id, _status_html(job), picture, text
+            yield job.id, _status_html(job), picture, text, _loss_frame(job)
 
         def on_autocaption(files_, folder_, table, which, resolution):
             fn = captioners.get(which)
@@ -175,14 +178,19 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
 
         _click(refresh, lambda: model_info(), [], [model_md])
         _click(check, on_check, [files, folder, adv[5]], [report_html, gallery, captions])
-        _click(train, on_train, [files, folder, captions, name, trigger, preset, use_advanced, train_te, *adv],
-               [job_state, status, preview, result])
+        _click(train, on_train, [task_box, files, folder, captions, name, trigger, preset, use_advanced, train_te, *adv],
+               [job_state, status, preview, result, loss_plot], js="charloraStartTraining")
         _click(autocaption, on_autocaption, [files, folder, captions, captioner, adv[5]], [captions, status])
         _click(stop_save, lambda j: on_stop(j, True), [job_state], [status])
         _click(cancel, lambda j: on_stop(j, False), [job_state], [status])
         _click(send, None, [result], [], js="charloraSendToTxt2img")
         tab.charlora = {"train": on_train, "check": on_check, "stop": on_stop, "autocaption": on_autocaption}
     return tab
+
+
+def _loss_frame(job):
+    history = list(getattr(job, "loss_history", None) or [])
+    return pd.DataFrame({"step": [s for s, _ in history], "loss": [v for _, v in history]})
 
 
 def _rows(table):

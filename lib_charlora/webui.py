@@ -20,11 +20,11 @@ def service():
     """The one service (and job queue) shared by the tab and the API."""
     global _service
     if _service is None:
-        from modules import call_queue, shared
+        from modules import call_queue, progress, shared
         from .hosts.a1111 import A1111Host
         from .service import TrainService
         _service = TrainService(A1111Host.from_webui, lora_dir(), lock=call_queue.queue_lock, state=shared.state,
-                                settings=settings)
+                                settings=settings, tasks=progress)
     return _service
 
 

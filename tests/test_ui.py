@@ -23,10 +23,11 @@ class StubService:
         self.calls = []
         self.runner = NS(stop=lambda job_id, save=True: None)
 
-    def submit(self, body, files=None):
-        self.calls.append((body, files))
+    def submit(self, body, files=None, task_id=None):
+        self.calls.append((body, files, task_id))
         return NS(id="1", status="done", step=3, total_steps=3, loss=0.5, eta_seconds=0.0, error=None,
-                  lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t")))
+                  lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t")),
+                  loss_history=[(1, 0.9), (3, 0.5)])
 
 
 def _fns(blocks):
@@ -52,15 +53,17 @@ def test_tab_builds_and_is_wired(tmp_path):
     names = [getattr(f.fn, "__name__", None) for f in fns]
     assert "on_train" in names and "on_check" in names
     train = fns[names.index("on_train")]
-    assert len(train.inputs) == 8 + len(ui.ADVANCED) and len(train.outputs) == 4
+    assert len(train.inputs) == 9 + len(ui.ADVANCED) and len(train.outputs) == 5
     # the handler itself: uploads as gradio 4 passes them (paths) and as gradio 3 does (objects with .name)
     paths = _pictures(tmp_path)
     for files in (paths, [NS(name=p) for p in paths]):
         html, thumbs, table = tab.charlora["check"](files, "", 64)
         assert "<b>6</b> pictures accepted" in html and len(thumbs) == 6 and len(table) == 6
-    out = list(tab.charlora["train"](paths, "", [["pic0.png", "pipchr, smiling"]], "pip", "pipchr", "Fast", False,
-                                     True, *[d for _, _, d, _ in ui.ADVANCED]))
-    body, files = service.calls[-1]
+    out = list(tab.charlora["train"]("task(abc)", paths, "", [["pic0.png", "pipchr, smiling"]], "pip", "pipchr",
+                                     "Fast", False, True, *[d for _, _, d, _ in ui.ADVANCED]))
+    body, files, task_id = service.calls[-1]
+    assert task_id == "task(abc)"
+    assert out[-1][4]["loss"].tolist() == [0.9, 0.5]
     assert body == {"name": "pip", "preset": "fast", "trigger": "pipchr"}
     assert [f[0] for f in files] == [os.path.basename(p) for p in paths]
     assert files[0][2] == "pipchr, smiling" and files[1][2] is None
@@ -97,12 +100,19 @@ def test_tab_trains_through_the_service(tmp_path):
     tab = ui.create_tab(service)
     adv = [d for _, _, d, _ in ui.ADVANCED]
     adv[0], adv[5] = 3, 64  # steps, resolution
-    out = list(tab.charlora["train"](_pictures(tmp_path), "", None, "pip", "pipchr", "Fast", True, False, *adv))
-    job_id, status, preview, text = out[-1]
+    tasks = NS(log=[])
+    for verb in ("add_task_to_queue", "start_task", "finish_task"):
+        setattr(tasks, verb, lambda t, verb=verb: tasks.log.append((verb, t)))
+    service.tasks = tasks
+    out = list(tab.charlora["train"]("task(x1)", _pictures(tmp_path), "", None, "pip", "pipchr", "Fast", True, False,
+                                     *adv))
+    job_id, status, preview, text, plot = out[-1]
+    assert tasks.log == [("add_task_to_queue", "task(x1)"), ("start_task", "task(x1)"), ("finish_task", "task(x1)")]
+    assert list(plot["step"]) == [1, 3] and len(plot["loss"]) == 2  # the loss is read every log_every steps
     assert "<b>done</b>" in status and text == "<lora:pip:1> pipchr"
     assert preview and os.path.isfile(preview) and os.path.isfile(tmp_path / "Lora" / "pip.safetensors")
     # a bad name is refused in the tab before anything is queued
-    out = list(tab.charlora["train"](_pictures(tmp_path), "", None, "a/b", "", "Fast", False, False, *adv))
+    out = list(tab.charlora["train"]("", _pictures(tmp_path), "", None, "a/b", "", "Fast", False, False, *adv))
     assert len(out) == 1 and "path separator" in out[0][1]
     assert "No training is running" in tab.charlora["stop"](None, True)
 
