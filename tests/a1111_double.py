@@ -8,6 +8,7 @@ the hijacked text wrappers (``cond_stage_model.wrapped``; SDXL ``conditioner.emb
 4.x's ``text_model`` level, as A1111 ships) and open_clip-shaped towers with ``nn.MultiheadAttention``
 (SD2, SDXL TE2).
 """
+import contextlib
 import types
 
 import torch
@@ -112,6 +113,7 @@ class DiffusionWrapper(nn.Module):
 class _Embedder(nn.Module):
     def __init__(self, wrapped=None):
         super().__init__()
+        self.is_trainable = False  # sgm's inference config: the conditioner runs it under no_grad
         if wrapped is not None:
             self.wrapped = wrapped
 
@@ -130,8 +132,10 @@ class Conditioner(nn.Module):
 
     def forward(self, batch):
         texts = batch["txt"]
-        h1 = self.embedders[0].wrapped.hidden(texts).hidden_states[-2]
-        h2, pooled = self.embedders[1].wrapped.encode(texts)
+        with (contextlib.nullcontext() if self.embedders[0].is_trainable else torch.no_grad()):
+            h1 = self.embedders[0].wrapped.hidden(texts).hidden_states[-2]
+        with (contextlib.nullcontext() if self.embedders[1].is_trainable else torch.no_grad()):
+            h2, pooled = self.embedders[1].wrapped.encode(texts)
         sizes = [batch["original_size_as_tuple"], batch["crop_coords_top_left"], batch["target_size_as_tuple"]]
         b = h1.shape[0]
         fourier = [fourier_embedding(s.flatten(), self.size_embed_dim).reshape(b, -1) for s in sizes]

@@ -178,3 +178,16 @@ def test_card_preview_comes_from_the_webui_sampler_with_the_lora_active(images, 
     result = Trainer(host, _cfg(name="char2"), images, str(tmp_path)).run()
     assert result.status == "done" and any("preview picture could not be made" in w for w in result.warnings)
     assert os.path.isfile(tmp_path / "char2.preview.png")
+
+
+def test_sdxl_text_encoders_really_train(images, tmp_path):
+    """sgm runs non-trainable embedders under no_grad; the session must lift that for TE training."""
+    sd_model = make_sd_model("sdxl")
+    host = _host(sd_model)
+    before = snapshot(sd_model)
+    trainer = Trainer(host, _cfg(steps=3, learning_rate=1e-2, text_encoder_lr=1e-2), images, str(tmp_path))
+    trainer.run()
+    ups = {k: v for k, v in trainer.network.state_dict().items() if "lora_te" in k and "lora_up" in k}
+    assert ups and all(v.abs().sum() > 0 for k, v in ups.items() if "lora_te1_text_model_encoder_layers_1_" not in k)
+    assert [e.is_trainable for e in sd_model.conditioner.embedders] == [False] * 5
+    assert_unchanged(before, sd_model)

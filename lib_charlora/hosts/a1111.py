@@ -159,8 +159,20 @@ class A1111Host(Host):
         exit refresh the WebUI's Lora list (so the new file is listed without a restart)."""
         if self.networks is not None and hasattr(self.networks, "load_networks"):
             self.networks.load_networks([])  # the next forward of each module restores its clean weights
-        with super().session(train_text_encoder):
-            yield self
+        # sgm's conditioner runs embedders that are not "trainable" under no_grad: a text-encoder
+        # LoRA would get no gradient. Mark the two text embedders trainable for the session only.
+        flags = []
+        if self.arch == "sdxl" and train_text_encoder:
+            flags = [(e, e.is_trainable) for e in self.sd_model.conditioner.embedders
+                     if hasattr(e, "wrapped") and hasattr(e, "is_trainable")]
+        try:
+            for e, _ in flags:
+                e.is_trainable = True
+            with super().session(train_text_encoder):
+                yield self
+        finally:
+            for e, flag in flags:
+                e.is_trainable = flag
 
     def refresh_lora_list(self):
         """-> None, or a note when the WebUI's Lora extension is not there."""
