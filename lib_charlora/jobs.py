@@ -36,6 +36,7 @@ class Job:
     output_dir: Optional[str] = None
     task_id: Optional[str] = None          # the WebUI's progress-bar task id (tab only)
     loss_history: list = field(default_factory=list)
+    preview: object = None                 # the latest preview picture (PIL), if previews are on
 
     def to_dict(self):
         return {"job_id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,

@@ -19,7 +19,8 @@ from .jobs import JobRunner
 
 # request field -> (TrainConfig field, type check)
 _NUMERIC = {"steps": int, "rank": int, "alpha": (int, float), "learning_rate": (int, float),
-            "text_encoder_lr": (int, float), "resolution": int, "batch_size": int, "seed": int, "sample_every": int}
+            "text_encoder_lr": (int, float), "resolution": int, "batch_size": int, "seed": int, "sample_every": int,
+            "save_every": int}
 _BOOL = ("train_text_encoder", "overwrite")
 _FIELDS = {"name", "trigger", "images", "image_dir", "captions", "preset", *_NUMERIC, *_BOOL}
 
@@ -77,7 +78,7 @@ class TrainService:
         values = preset(body.get("preset", settings.get("default_preset", "balanced")), host.arch, host.prediction)
         for key in (*_NUMERIC, *_BOOL):
             if key in body:
-                values["save_every" if key == "sample_every" else key] = body[key]
+                values["preview_every" if key == "sample_every" else key] = body[key]
         if not host.supports_text_encoder_training:
             values["train_text_encoder"] = False
         cfg = TrainConfig(name=name, trigger=trigger.strip(), **values).validate()
@@ -179,7 +180,13 @@ class TrainService:
                 if getattr(state, "interrupted", False):  # the WebUI's Interrupt button: stop and save
                     job.cancel.stop(save=True)
 
+        def preview(step, image):
+            job.preview = image
+            if state is not None and hasattr(state, "assign_current_image"):
+                state.assign_current_image(image)  # the WebUI's live preview
+
         trainer = Trainer(host, spec.config, spec.images, job.output_dir, progress=progress, cancel=job.cancel,
+                          on_preview=preview,
                           caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir)
         result = trainer.run()
         if result.status == "done" and not self.settings().get("keep_checkpoints", False):

@@ -20,7 +20,8 @@ ADVANCED = [  # (request field, label, default, kind)
     ("steps", "Steps", 1500, "int"), ("rank", "Rank", 16, "int"), ("alpha", "Alpha", 8, "float"),
     ("learning_rate", "UNet learning rate", 1e-4, "float"), ("text_encoder_lr", "Text encoder learning rate", 5e-5, "float"),
     ("resolution", "Resolution", 512, "int"), ("batch_size", "Batch size", 1, "int"), ("seed", "Seed", 0, "int"),
-    ("sample_every", "Save a checkpoint every N steps (0 = off)", 0, "int"),
+    ("sample_every", "Preview picture every N steps (0 = off)", 0, "int"),
+    ("save_every", "Save a checkpoint every N steps (0 = off)", 0, "int"),
 ]
 
 
@@ -145,7 +146,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
                 yield None, f"<p class='charlora-error'>{html.escape(str(e))}</p>", None, "", _loss_frame(None)
                 return
             while job.status in ("queued", "running"):
-                yield job.id, _status_html(job), None, "", _loss_frame(job)
+                yield job.id, _status_html(job), getattr(job, "preview", None), "", _loss_frame(job)
                 time.sleep(0.5)
             picture = None
             if job.lora_path:

@@ -191,3 +191,31 @@ def test_sdxl_text_encoders_really_train(images, tmp_path):
     assert ups and all(v.abs().sum() > 0 for k, v in ups.items() if "lora_te1_text_model_encoder_layers_1_" not in k)
     assert [e.is_trainable for e in sd_model.conditioner.embedders] == [False] * 5
     assert_unchanged(before, sd_model)
+
+
+def test_previews_during_training_do_not_change_the_result(images, tmp_path):
+    from PIL import Image
+    calls = []
+
+    def process_images(p):
+        torch.manual_seed(12345)  # the WebUI's sampler reseeds the global RNG
+        torch.rand(100)
+        hooked = sum(len(m._forward_hooks) for m in sd_model.model.diffusion_model.modules())
+        calls.append(hooked)
+        return NS(images=[Image.new("RGB", (8, 8))])
+
+    weights = []
+    for preview_every in (0, 2):
+        sd_model = make_sd_model("sd1")
+        host = A1111Host(sd_model, NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                         NS(device="cpu", fp8=False), None,
+                         processing=NS(StableDiffusionProcessingTxt2Img=lambda **kw: NS(kw=kw),
+                                       process_images=process_images))
+        seen = []
+        t = Trainer(host, _cfg(name=f"p{preview_every}", steps=5, dropout=0.2, preview_every=preview_every),
+                    images, str(tmp_path), on_preview=lambda step, im: seen.append(step))
+        t.run()
+        weights.append({k: v.clone() for k, v in t.network.state_dict().items()})
+        assert seen == ([2, 4] if preview_every else [])
+    assert calls == [192, 192, 192, 192]  # card picture of run 1; previews at 2, 4 and the card of run 2
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

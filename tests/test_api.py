@@ -190,7 +190,7 @@ def test_settings_subfolder_default_preset_and_checkpoints(tmp_path):
                      NS(device="cpu", fp8=False))
     chosen = {"default_preset": "fast", "subfolder": "characters", "keep_checkpoints": False}
     service = TrainService(lambda: host, str(tmp_path / "Lora"), settings=lambda: dict(chosen))
-    body = {"name": "pip", "images": PICS, "steps": 4, "resolution": 64, "sample_every": 2}
+    body = {"name": "pip", "images": PICS, "steps": 4, "resolution": 64, "save_every": 2}
     spec = service.parse(dict(body))
     assert spec.config.rank == 8  # the Fast preset from Settings
     job = service.submit(dict(body))
@@ -222,3 +222,18 @@ def test_webui_settings_registration(monkeypatch):
     assert all(i.section == ("charlora", "Character LoRA") for i in added.values())
     opts.charlora_default_preset, opts.charlora_subfolder, opts.charlora_keep_checkpoints = "Quality", "x", True
     assert webui.settings() == {"default_preset": "quality", "subfolder": "x", "keep_checkpoints": True}
+
+
+def test_sample_every_shows_live_previews(tmp_path):
+    from PIL import Image
+    shown = []
+    processing = NS(StableDiffusionProcessingTxt2Img=lambda **kw: NS(kw=kw),
+                    process_images=lambda p: NS(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]))]))
+    host = A1111Host(make_sd_model("sd1"), NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                     NS(device="cpu", fp8=False), processing=processing)
+    state = NS(interrupted=False, assign_current_image=shown.append)
+    service = TrainService(lambda: host, str(tmp_path / "Lora"), state=state)
+    job = service.submit({"name": "pip", "images": PICS, "steps": 5, "resolution": 64, "sample_every": 2})
+    assert job.spec.config.preview_every == 2 and job.spec.config.save_every == 0
+    service.runner.wait(job.id, 60)
+    assert job.status == "done" and len(shown) == 2 and job.preview is shown[-1]

@@ -89,6 +89,7 @@ class TrainConfig:
     caption_dropout: float = 0.0
     seed: int = 0
     save_every: int = 0                  # checkpoint (LoRA + state) every N steps; 0 = off
+    preview_every: int = 0               # a sample picture with the in-training LoRA every N steps; 0 = off
     log_every: int = 10                  # loss is read back from the device every N steps
     save_dtype: str = "fp16"
     overwrite: bool = False
@@ -138,6 +139,7 @@ class TrainConfig:
                 raise ConfigError(key, "must be text of at most 500 characters")
         _num("seed", self.seed, 0, 2**63 - 1, integer=True)
         _num("save_every", self.save_every, 0, 1_000_000, integer=True)
+        _num("preview_every", self.preview_every, 0, 1_000_000, integer=True)
         _num("log_every", self.log_every, 1, 1_000_000, integer=True)
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError("save_dtype", f"must be one of {', '.join(SAVE_DTYPES)}")

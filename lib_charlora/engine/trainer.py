@@ -81,11 +81,12 @@ def diffusion_loss(pred, x0, noise, alphas, prediction, min_snr_gamma):
 class Trainer:
     def __init__(self, host, config: TrainConfig, images, output_dir, checkpoint_dir=None,
                  progress: Optional[Callable[[Progress], None]] = None, cancel: Optional[CancelToken] = None,
-                 dataset_name="images", caption_provider=None, latent_cache_dir=None):
+                 dataset_name="images", caption_provider=None, latent_cache_dir=None, on_preview=None):
         self.host, self.cfg = host, config
         self.images = list(images)
         self.caption_provider = caption_provider
         self.latent_cache_dir = latent_cache_dir
+        self.on_preview = on_preview      # called with (step, PIL image) for every preview picture
         self.output_dir = output_dir
         self.checkpoint_dir = checkpoint_dir or os.path.join(output_dir, f"{config.name}_checkpoints")
         self.progress = progress
@@ -218,6 +219,10 @@ class Trainer:
                         eta = elapsed / steps_this_run * (cfg.steps - step)
                         self.progress(Progress(step, cfg.steps, history[-1][1] if history else None,
                                                optimizer.param_groups[0]["lr"], elapsed, eta))
+                    if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
+                        image = self._sample()
+                        if image is not None and self.on_preview:
+                            self.on_preview(step, image)
                     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                         checkpoints.append(self._save_checkpoint(step, history, run))
                 preview = self._preview() if status != "cancelled" else None
@@ -267,19 +272,24 @@ class Trainer:
             pred = host.predict(noisy.to(input_dtype), t, cond)
         return diffusion_loss(pred, x0, noise, a, host.prediction, cfg.min_snr_gamma)
 
-    def _preview(self):
+    def _sample(self):
+        """A picture from the host's sampler with the LoRA active, or None. The sampler seeds the
+        global RNG; ours (LoRA dropout) is saved and restored so previews never change the result."""
         cfg, host = self.cfg, self.host
-        image = None
+        devices = [host.device] if host.device.type == "cuda" else []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 self.network.eval()
-                image = host.sample(cfg.trigger or cfg.name, cfg.seed, cfg.resolution, cfg.resolution)
-        except Exception as e:  # a failed preview must not cost the trained LoRA
-            self.warnings.append(f"the preview picture could not be made ({type(e).__name__}: {e}); "
-                                 "the first training picture is used as the card image")
+                return host.sample(cfg.trigger or cfg.name, cfg.seed, cfg.resolution, cfg.resolution)
+        except Exception as e:  # a failed preview must not cost the training
+            self.warnings.append(f"a preview picture could not be made ({type(e).__name__}: {e})")
+            return None
         finally:
             self.network.train()
-        if image is None:  # the host has no sampler: use the first training image as the card picture
+
+    def _preview(self):
+        image = self._sample()
+        if image is None:  # no sampler (or it failed): the first training picture is the card picture
             image = self.samples[0].image.copy()
             image.thumbnail((512, 512))
         return image
