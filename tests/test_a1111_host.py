@@ -219,3 +219,27 @@ def test_previews_during_training_do_not_change_the_result(images, tmp_path):
         assert seen == ([2, 4] if preview_every else [])
     assert calls == [192, 192, 192, 192]  # card picture of run 1; previews at 2, 4 and the card of run 2
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_vae_leaves_the_gpu_after_latent_caching(images, tmp_path, monkeypatch):
+    """On a GPU the VAE goes to the CPU once latents are cached and comes back for previews and at
+    the end. CPU-only here: the VAE's device is faked and its moves recorded."""
+    sd_model = make_sd_model("sd1")
+    vae = sd_model.first_stage_model
+    moves, gc = [], []
+    where = {"device": torch.device("cuda", 0)}
+
+    def to(device, *a, **k):
+        moves.append(str(device))
+        where["device"] = torch.device(device)
+        return vae
+    host = A1111Host(sd_model, NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
+                     NS(device="cpu", fp8=False, torch_gc=lambda: gc.append(1)))
+    monkeypatch.setattr(vae, "to", to)
+    monkeypatch.setattr(host, "_vae_current_device", lambda: where["device"])
+    Trainer(host, _cfg(steps=2, train_text_encoder=False), images, str(tmp_path)).run()
+    assert moves == ["cpu", "cuda:0"] and gc == [1]  # off after caching, back at the end
+    moves.clear()
+    where["device"] = torch.device("cuda", 0)
+    Trainer(host, _cfg(name="rc", steps=2, random_crop=True), images, str(tmp_path)).run()
+    assert moves == []  # random crops encode every step: the VAE stays

@@ -63,6 +63,9 @@ class Host:
         """Optional: an image from the host's own sampler with the attached LoRA active."""
         return None
 
+    def latents_cached(self):
+        """Called once every latent is cached (the VAE is not needed for training any more)."""
+
     def extra_modules(self):
         """Modules other than the UNet and text encoders (VAE, ...) the session must freeze."""
         return []

@@ -135,6 +135,7 @@ class Trainer:
             for i, smp in enumerate(self.samples):
                 for flip in ((False, True) if cfg.flip else (False,)):
                     self.cache.get(i, smp, flip)
+            host.latents_cached()
 
         network = LoRANetwork(cfg.rank, cfg.alpha, cfg.dropout)
         components = [host.unet] + (list(host.text_encoders) if cfg.train_text_encoder else [])

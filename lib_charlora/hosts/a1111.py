@@ -31,6 +31,7 @@ class A1111Host(Host):
         self.sd_model = sd_model
         self.cmd_opts, self.opts, self.webui_devices, self.networks = cmd_opts, opts, devices, networks
         self.processing = processing
+        self._vae_device = None
         self.known_names = tuple(known_names)
         self._refuse_unsupported()
         m = sd_model
@@ -131,10 +132,28 @@ class A1111Host(Host):
             return self.sd_model.apply_model(noisy, timesteps, cond)
         return self.sd_model.apply_model(noisy, timesteps, cond["c"])
 
+    def latents_cached(self):
+        """Every latent is cached: the VAE leaves the GPU until a preview or the end of training."""
+        vae = self.sd_model.first_stage_model
+        device = self._vae_current_device()
+        if device.type != "cpu":
+            self._vae_device = device
+            vae.to("cpu")
+            getattr(self.webui_devices, "torch_gc", lambda: None)()
+
+    def _vae_current_device(self):
+        return next(self.sd_model.first_stage_model.parameters()).device
+
+    def _restore_vae(self):
+        if self._vae_device is not None:
+            self.sd_model.first_stage_model.to(self._vae_device)
+            self._vae_device = None
+
     def sample(self, prompt, seed, width, height, steps=20):
         """A picture from the WebUI's own txt2img pipeline, with the attached LoRA active."""
         if self.processing is None:
             return None
+        self._restore_vae()  # the sampler decodes with it
         p = self.processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
             height=height, cfg_scale=7.0, sampler_name="Euler a", batch_size=1, n_iter=1,
@@ -171,6 +190,7 @@ class A1111Host(Host):
             with super().session(train_text_encoder):
                 yield self
         finally:
+            self._restore_vae()
             for e, flag in flags:
                 e.is_trainable = flag
 
