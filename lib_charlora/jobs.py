@@ -97,9 +97,6 @@ class JobRunner:
                 self._cv.wait(left)
         return True
 
-    def busy(self):
-        return any(j.status in ("queued", "running") for j in self._jobs.values())
-
     def idle(self, timeout=None):
         """Wait until no worker thread is left (for tests and shutdown)."""
         with self._cv:

@@ -87,10 +87,7 @@ class TrainService:
         if files is not None:
             if body.get("images") is not None or body.get("image_dir") is not None:
                 raise ConfigError("images", "give either uploaded pictures or a folder, not both")
-            images, report = load_uploads(files, cfg.resolution)
-            if report.errors:
-                raise DatasetError("; ".join(report.errors), report)
-            report = report.to_dict()
+            images, report = _usable(*load_uploads(files, cfg.resolution))
         else:
             images, report = self._intake(body, cfg.resolution)
         return TrainSpec(cfg, images, report)
@@ -119,9 +116,7 @@ class TrainService:
             caps = caps or [None] * len(pics)
             files = [(f"image {i + 1}", _b64(p, i), c) for i, (p, c) in enumerate(zip(pics, caps))]
             images, report = load_uploads(files, resolution)
-        if report.errors:
-            raise DatasetError("; ".join(report.errors), report)
-        return images, report.to_dict()
+        return _usable(images, report)
 
     def submit(self, body, files=None, task_id=None):
         spec = self.parse(body, files)
@@ -197,6 +192,12 @@ class TrainService:
             if note:
                 job.warnings.append(note)
         return result
+
+
+def _usable(images, report):
+    if report.errors:
+        raise DatasetError("; ".join(report.errors), report)
+    return images, report.to_dict()
 
 
 def _remove_checkpoints(directory, name):

@@ -127,11 +127,13 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             body = {"name": (name_ or "").strip(), "preset": PRESET_LABELS.get(preset_, "balanced")}
             if (trigger_ or "").strip():
                 body["trigger"] = trigger_.strip()
-            if use_adv:
-                for (field, _, _, kind), value in zip(ADVANCED, adv_values):
-                    body[field] = int(value) if kind == "int" else float(value)
-                body["train_text_encoder"] = bool(te)
             try:
+                if use_adv:
+                    for (field, label, _, kind), value in zip(ADVANCED, adv_values):
+                        if value is None:
+                            raise ConfigError(field, f"'{label}' is empty")
+                        body[field] = int(value) if kind == "int" else float(value)
+                    body["train_text_encoder"] = bool(te)
                 if (folder_ or "").strip():
                     body["image_dir"] = folder_.strip()
                     job = service.submit(body, task_id=task_id or None)

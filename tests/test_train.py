@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lib_charlora.engine import TrainConfig, Trainer
-from lib_charlora.engine.data import to_square_tensor
+from lib_charlora.engine.trainset import to_pixels
 from lib_charlora.engine.trainer import diffusion_loss
 from lib_charlora.tiny import tiny_host
 from tests.conftest import assert_unchanged, snapshot, warm
@@ -46,7 +46,7 @@ def test_overfit_one_image(kind, arch, prediction, images, tmp_path):
     trainer = Trainer(host, cfg, image * 4, str(tmp_path))  # one picture, four noise draws per step
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        latent = host.encode_images(to_square_tensor(image[0].image, 64)[0].unsqueeze(0))
+        latent = host.encode_images(to_pixels(image[0].image).unsqueeze(0))  # 64 px: no resize, as in training
     loss0 = _eval_loss(host, latent, image[0].caption, prediction)
     result = trainer.run()
     assert result.status == "done" and result.steps_done == STEPS

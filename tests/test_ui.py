@@ -70,6 +70,12 @@ def test_tab_builds_and_is_wired(tmp_path):
     assert "done" in out[-1][1]
     html, _, _ = tab.charlora["check"]([], "", 64)
     assert "add pictures" in html
+    # a cleared number field in Advanced: a message naming it, nothing submitted
+    adv = [d for _, _, d, _ in ui.ADVANCED]
+    adv[1] = None
+    n = len(service.calls)
+    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", "Fast", True, True, *adv))
+    assert len(out) == 1 and "rank: &#x27;Rank&#x27; is empty" in out[0][1] and len(service.calls) == n
 
 
 def test_under_gradio4():
@@ -78,15 +84,18 @@ def test_under_gradio4():
         pytest.skip("this is the gradio 4 run")
     if not os.path.exists(venv):
         pytest.fail("the gradio 4 environment is missing: run dev/setup.sh")
-    out = subprocess.run([venv, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_ui.py")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    out = subprocess.run([venv, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          os.path.join(ROOT, "tests", "test_ui.py")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=dict(os.environ, CHARLORA_EXPECT_GRADIO="4.40.0"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "gradio 4.40.0" in out.stdout or "passed" in out.stdout
+    # what runs there: build + wiring + handlers + the scripts entry; the model-backed test is skipped
+    # there (no model libraries) and runs in this environment instead
+    assert "4 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
 
 
-def test_reports_gradio_version(capsys):
-    print(f"gradio {gr.__version__}")
-    assert gr.__version__ in ("3.41.2", "4.40.0")
+def test_gradio_is_the_pinned_version():
+    # .venv has A1111's gradio, .venv-gradio4 Forge's (the gradio-4 run sets the expectation)
+    assert gr.__version__ == os.environ.get("CHARLORA_EXPECT_GRADIO", "3.41.2")
 
 
 @pytest.mark.skipif(not HAVE_MODELS, reason="needs the model libraries (main environment)")

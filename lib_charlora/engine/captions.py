@@ -24,8 +24,8 @@ person people child lady guy men women girls boys baby kid character photo pictu
 drawing painting anime cartoon style cat dog bird horse fox wolf dragon car house tree flower sky water
 red blue green yellow black white pink purple orange brown grey gray gold silver hair eyes face smile
 dress shirt hat beautiful cute pretty young old big small new good best one two three love life day
-night sun moon star king queen prince princess knight warrior hero angel demon robot doll sks
-""".split()) - {"sks"}
+night sun moon star king queen prince princess knight warrior hero angel demon robot doll
+""".split())
 
 
 @dataclass

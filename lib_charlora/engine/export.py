@@ -4,7 +4,6 @@ The ``sshs_model_hash`` we write is A1111's "addnet" hash (sha256 of the file by
 8-byte length and the JSON header). Only tensor bytes enter it, so we serialise once, hash the data
 region, and put the hash into the header of that same byte stream.
 """
-import collections
 import hashlib
 import json
 import os
@@ -13,6 +12,7 @@ import uuid
 
 import safetensors.torch
 
+from .captions import tag_frequency
 from .errors import OutputExistsError
 
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
@@ -36,14 +36,6 @@ def base_model_version(arch, prediction):
     return "sd_v1"
 
 
-def tag_frequency(captions):
-    counts = collections.Counter()
-    for caption in captions:
-        for tag in caption.split(","):
-            tag = tag.strip()
-            if tag:
-                counts[tag] += 1
-    return dict(counts)
 
 
 def build_metadata(host, cfg, *, steps_done, batches_per_epoch, num_images, captions, started_at,

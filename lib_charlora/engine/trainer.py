@@ -100,8 +100,6 @@ class Trainer:
         cfg.validate()
         if not self.images:
             raise ConfigError("images", "no training images were given")
-        self.samples = trainset.build_samples(self.images, cfg, self.caption_provider)
-        self.warnings += cap.trigger_warnings(cfg.trigger, getattr(host, "known_names", ()))
         host.check_supported()
         require_optimizer(cfg.optimizer)
         if cfg.train_text_encoder and not host.supports_text_encoder_training:
@@ -110,6 +108,9 @@ class Trainer:
         self.out_path = export.output_path(self.output_dir, cfg.name)
         export.check_can_write(self.out_path, cfg.overwrite)
         state = self._load_state(resume_from) if resume_from else None
+        self.samples = trainset.build_samples(self.images, cfg, self.caption_provider)
+        self.size_info = [trainset.crop_sample_info(smp) for smp in self.samples]  # SDXL size conditioning
+        self.warnings += cap.trigger_warnings(cfg.trigger, getattr(host, "known_names", ()))
         self.precision = choose_precision(cfg.mixed_precision, host.device, host.base_dtype)
         self.started_at = state["started_at"] if state else time.time()
         t0 = time.perf_counter()
@@ -124,7 +125,7 @@ class Trainer:
     def _cached_conds(self):
         host = self.host
         with torch.no_grad():
-            return [host.encode_text([smp.caption], [trainset.crop_sample(smp, False)[1]]) for smp in self.samples]
+            return [host.encode_text([smp.caption], [info]) for smp, info in zip(self.samples, self.size_info)]
 
     def _train(self, state):
         cfg, host = self.cfg, self.host
@@ -247,7 +248,7 @@ class Trainer:
         flips = (torch.rand(len(idx), generator=g) < 0.5).tolist() if cfg.flip else [False] * len(idx)
         if self.cache is not None:
             x0 = torch.stack([self.cache.get(i, self.samples[i], f) for i, f in zip(idx, flips)])
-            infos = [trainset.crop_sample_info(self.samples[i]) for i in idx]
+            infos = [self.size_info[i] for i in idx]
         else:  # random crop: a new crop every step, encoded now
             crops = [trainset.crop_sample(self.samples[i], f, True, g) for i, f in zip(idx, flips)]
             with torch.no_grad():

@@ -198,7 +198,11 @@ class LatentCache:
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = path + ".tmp"
-            torch.save(z, tmp)
-            os.replace(tmp, path)
+            try:
+                torch.save(z, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         self.memory[mem_key] = z
         return z

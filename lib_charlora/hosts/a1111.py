@@ -167,10 +167,6 @@ class A1111Host(Host):
         images = getattr(processed, "images", None) or []
         return images[0] if images else None
 
-    @property
-    def in_channels(self):
-        return self.sd_model.model.diffusion_model.in_channels
-
     # -- session --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def session(self, train_text_encoder=False):
