@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .engine import TrainConfig
 from .engine.config import validate_name
 from .engine.dataset import DatasetError, load_folder, load_uploads
-from .engine.errors import ConfigError
+from .engine.errors import ConfigError, UnsupportedModelError
 from .engine.presets import preset
 from .engine.trainer import Trainer
 from .jobs import JobRunner
@@ -30,6 +30,7 @@ class TrainSpec:
     config: TrainConfig
     images: list
     report: dict
+    model: tuple = ()          # (arch, prediction) the request was validated for
 
 
 def _b64(value, index):
@@ -44,9 +45,13 @@ def _b64(value, index):
 
 
 class TrainService:
+    """``host_factory()`` gives the loaded model's host when a request is checked; ``job_host_factory()``
+    (default: the same) when the job runs, under the lock (Forge loads the selected checkpoint then)."""
+
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
-                 settings=None, tasks=None):
+                 settings=None, tasks=None, job_host_factory=None):
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
+        self.job_host_factory = job_host_factory or host_factory
         self.tasks = tasks  # the WebUI's progress module: add_task_to_queue / start_task / finish_task
         self.settings = settings or (lambda: {})
         self.latent_cache_dir, self.caption_provider = latent_cache_dir, caption_provider
@@ -90,7 +95,7 @@ class TrainService:
             images, report = _usable(*load_uploads(files, cfg.resolution))
         else:
             images, report = self._intake(body, cfg.resolution)
-        return TrainSpec(cfg, images, report)
+        return TrainSpec(cfg, images, report, (host.arch, host.prediction))
 
     def _intake(self, body, resolution):
         has_images, has_dir = body.get("images") is not None, body.get("image_dir") is not None
@@ -144,7 +149,6 @@ class TrainService:
     # -- the worker ----------------------------------------------------------------------------------
     def _run(self, job):
         spec = job.spec
-        host = self.host_factory()
         state = self.state
         if state is not None:
             if hasattr(state, "begin"):
@@ -153,6 +157,11 @@ class TrainService:
         if job.task_id and self.tasks is not None:
             self.tasks.start_task(job.task_id)
         try:
+            host = self.job_host_factory()
+            if spec.model and (host.arch, host.prediction) != spec.model:
+                raise UnsupportedModelError(
+                    f"the loaded checkpoint changed since the request was checked ({_kind(*spec.model)} -> "
+                    f"{_kind(host.arch, host.prediction)}); its settings may not fit: send the training again")
             return self._train(job, host, state)
         finally:
             if job.task_id and self.tasks is not None:
@@ -186,12 +195,16 @@ class TrainService:
         result = trainer.run()
         if result.status == "done" and not self.settings().get("keep_checkpoints", False):
             _remove_checkpoints(trainer.checkpoint_dir, spec.config.name)
-        job.warnings += [w for w in trainer.warnings if w not in job.warnings]
+        job.warnings += [w for w in trainer.warnings + list(getattr(host, "warnings", ())) if w not in job.warnings]
         if result.path:
             note = getattr(host, "refresh_lora_list", lambda: None)()
             if note:
                 job.warnings.append(note)
         return result
+
+
+def _kind(arch, prediction):
+    return {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[arch] + (" v-prediction" if prediction == "v" else "")
 
 
 def _usable(images, report):

@@ -106,7 +106,8 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             stop_save = gr.Button("Stop and save", elem_id="charlora_stop")
             cancel = gr.Button("Cancel", elem_id="charlora_cancel")
         status = gr.HTML(elem_id="charlora_status")
-        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, width=480, elem_id="charlora_loss")
+        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="charlora_loss",
+                                **({} if GRADIO4 else {"width": 480}))  # gradio 4 has no width
         with gr.Row():
             preview = gr.Image(label="Preview", interactive=False, elem_id="charlora_preview")
             result = gr.Textbox(label="LoRA", interactive=False, elem_id="charlora_result")

@@ -1,10 +1,22 @@
-"""Glue to a running A1111 / reForge: one TrainService over the loaded model, the API and the tab.
+"""Glue to a running WebUI: one TrainService over the loaded model, the API and the tab.
 
-Imported only inside the WebUI (``scripts/charlora.py``); everything WebUI-specific is read here.
+Imported only inside the WebUI (``scripts/charlora.py``); everything WebUI-specific is read here. The
+host adapter is picked once, by what the running WebUI is: Forge's 2024 backend (``hosts/forge.py``)
+or A1111 / reForge (``hosts/a1111.py``); nothing else asks which WebUI it runs in.
 """
 import os
 
 _service = None
+
+
+def adapter():
+    """The adapter module for the running WebUI."""
+    from modules import sd_models
+    if hasattr(sd_models, "forge_model_reload"):  # Forge: the model is a ForgeDiffusionEngine, loaded lazily
+        from .hosts import forge
+        return forge
+    from .hosts import a1111
+    return a1111
 
 
 def lora_dir():
@@ -21,22 +33,16 @@ def service():
     global _service
     if _service is None:
         from modules import call_queue, progress, shared
-        from .hosts.a1111 import A1111Host
         from .service import TrainService
-        _service = TrainService(A1111Host.from_webui, lora_dir(), lock=call_queue.queue_lock, state=shared.state,
-                                settings=settings, tasks=progress)
+        hosts = adapter()
+        lock = call_queue.queue_lock
+        _service = TrainService(lambda: hosts.request_host(lock), lora_dir(), lock=lock, state=shared.state,
+                                settings=settings, tasks=progress, job_host_factory=hosts.job_host)
     return _service
 
 
 def model_info():
-    from modules import shared
-    m = shared.sd_model
-    if m is None:
-        return "**No checkpoint loaded.**"
-    info = getattr(m, "sd_checkpoint_info", None)
-    arch = "SDXL" if getattr(m, "is_sdxl", False) else "SD2" if getattr(m, "is_sd2", False) else "SD1"
-    pred = " (v-prediction)" if getattr(m, "parameterization", "eps") == "v" else ""
-    return f"Training on the loaded checkpoint: **{getattr(info, 'name', '?')}** — {arch}{pred}"
+    return adapter().model_info()
 
 
 def on_app_started(_demo, app):

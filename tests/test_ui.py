@@ -85,12 +85,13 @@ def test_under_gradio4():
     if not os.path.exists(venv):
         pytest.fail("the gradio 4 environment is missing: run dev/setup.sh")
     out = subprocess.run([venv, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                          os.path.join(ROOT, "tests", "test_ui.py")], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=dict(os.environ, CHARLORA_EXPECT_GRADIO="4.40.0"))
+                          os.path.join(ROOT, "tests", "test_ui.py"), os.path.join(ROOT, "tests", "test_api_routes.py")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env=dict(os.environ, CHARLORA_EXPECT_GRADIO="4.40.0"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # what runs there: build + wiring + handlers + the scripts entry; the model-backed test is skipped
-    # there (no model libraries) and runs in this environment instead
-    assert "4 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
+    # what runs there: the tab (build, wiring, handlers, scripts entry) and the API routes on Forge's
+    # fastapi / pydantic 2; the model-backed tab test is skipped there (no model libraries) and runs here
+    assert "8 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
 
 
 def test_gradio_is_the_pinned_version():

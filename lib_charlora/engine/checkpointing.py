@@ -7,6 +7,7 @@ and remove the instance attribute afterwards, so the class and the module are un
 """
 import contextlib
 
+import torch
 from torch.utils.checkpoint import checkpoint
 
 BLOCK_CLASSES = frozenset({
@@ -21,8 +22,13 @@ BLOCK_CLASSES = frozenset({
 def _wrap(module):
     inner = module.forward
 
+    def run(*args, **kwargs):
+        # The recompute needs the block's inputs as they were; a block may add into them in place
+        # (Forge's transformer block does), so it works on copies.
+        return inner(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
     return forward
 
 

@@ -96,16 +96,24 @@ class Host:
 
     @contextlib.contextmanager
     def session(self, train_text_encoder=False):
-        """Freeze everything for training; restore requires_grad and train/eval flags on exit."""
+        """Freeze everything for training; restore requires_grad and train/eval flags on exit.
+
+        Flags are restored by parameter name, on whatever tensor the module holds then (a host may
+        swap parameter objects during the session), and inference tensors are set inside inference
+        mode (the only place their ``requires_grad`` may be switched on)."""
         modules = self.all_modules()
-        grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        grads = [(sub, name, p.requires_grad) for m in modules for sub in m.modules()
+                 for name, p in sub._parameters.items() if p is not None]
         modes = [(sub, sub.training) for m in modules for sub in m.modules()]
         try:
             for m in modules:
                 m.requires_grad_(False)
             yield self
         finally:
-            for p, flag in grads:
-                p.requires_grad_(flag)
+            for sub, name, flag in grads:
+                p = sub._parameters.get(name)
+                if p is not None and p.requires_grad != flag:
+                    with torch.inference_mode(p.is_inference()):
+                        p.requires_grad_(flag)
             for sub, flag in modes:
                 sub.training = flag

@@ -115,9 +115,16 @@ class Trainer:
         self.started_at = state["started_at"] if state else time.time()
         t0 = time.perf_counter()
         fork_devices = [host.device] if host.device.type == "cuda" else []
+        self._final = None
         with torch.random.fork_rng(devices=fork_devices), host.session(cfg.train_text_encoder):
             torch.manual_seed(cfg.seed)
             result = self._train(state)
+        if self._final is not None:  # written once the host's model is restored: a failed restore writes nothing
+            tensors, preview = self._final
+            result.metadata = self._metadata(result.steps_done)
+            result.path = export.write_lora(self.out_path, tensors, result.metadata, overwrite=cfg.overwrite,
+                                            preview=preview, card=export.user_metadata(host, cfg))
+            result.num_keys = len(tensors)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -235,11 +242,7 @@ class Trainer:
         if status == "cancelled" or step == 0:
             result.status = "cancelled"
             return result
-        tensors = network.kohya_state_dict(self._save_dtype())
-        result.metadata = self._metadata(step)
-        result.path = export.write_lora(self.out_path, tensors, result.metadata, overwrite=self.cfg.overwrite,
-                                        preview=preview, card=export.user_metadata(host, self.cfg))
-        result.num_keys = len(tensors)
+        self._final = (network.kohya_state_dict(self._save_dtype()), preview)
         return result
 
     def _step_loss(self, idx, conds, alphas_cumprod, input_dtype, g):

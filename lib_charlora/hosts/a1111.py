@@ -19,6 +19,7 @@ import torch
 
 from ..engine.errors import UnsupportedModelError
 from ..engine.host import Component, Host
+from .webui_common import clear_prompt_cache
 
 
 def _unwrap(module):
@@ -173,7 +174,8 @@ class A1111Host(Host):
         """Clear LoRAs the last generation left merged in the weights, freeze everything, and on
         exit refresh the WebUI's Lora list (so the new file is listed without a restart)."""
         if self.networks is not None and hasattr(self.networks, "load_networks"):
-            self.networks.load_networks([])  # the next forward of each module restores its clean weights
+            # the next forward of each module restores its clean weights; every list given (reForge zips them)
+            self.networks.load_networks([], [], [], [])
         # sgm's conditioner runs embedders that are not "trainable" under no_grad: a text-encoder
         # LoRA would get no gradient. Mark the two text embedders trainable for the session only.
         flags = []
@@ -189,10 +191,37 @@ class A1111Host(Host):
             self._restore_vae()
             for e, flag in flags:
                 e.is_trainable = flag
+            clear_prompt_cache(self.processing)  # previews cached conditioning made with the in-training LoRA
 
     def refresh_lora_list(self):
-        """-> None, or a note when the WebUI's Lora extension is not there."""
+        """-> None, or a note when the WebUI's Lora extension is not there. Conditioning the WebUI
+        cached with an older file of the same name is forgotten."""
+        clear_prompt_cache(self.processing)
         if self.networks is None or not hasattr(self.networks, "list_available_networks"):
             return "the WebUI's built-in Lora extension is disabled: press Refresh on the Lora cards after enabling it"
         self.networks.list_available_networks()
         return None
+
+
+# -- entry points for webui.py (the running A1111 / reForge) ----------------------------------------
+def request_host(lock=None):  # pragma: no cover - needs a running WebUI
+    return A1111Host.from_webui()
+
+
+def job_host():  # pragma: no cover - needs a running WebUI
+    return A1111Host.from_webui()
+
+
+def model_info():  # pragma: no cover - needs a running WebUI
+    from modules import shared
+    return describe(shared.sd_model)
+
+
+def describe(sd_model):
+    """The loaded checkpoint, for the tab."""
+    if sd_model is None:
+        return "**No checkpoint loaded.**"
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    arch = "SDXL" if getattr(sd_model, "is_sdxl", False) else "SD2" if getattr(sd_model, "is_sd2", False) else "SD1"
+    pred = " (v-prediction)" if getattr(sd_model, "parameterization", "eps") == "v" else ""
+    return f"Training on the loaded checkpoint: **{getattr(info, 'name', '?')}** — {arch}{pred}"
