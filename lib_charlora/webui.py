@@ -1,8 +1,8 @@
 """Glue to a running WebUI: one TrainService over the loaded model, the API and the tab.
 
 Imported only inside the WebUI (``scripts/charlora.py``); everything WebUI-specific is read here. The
-host adapter is picked once, by what the running WebUI is: Forge's 2024 backend (``hosts/forge.py``)
-or A1111 / reForge (``hosts/a1111.py``); nothing else asks which WebUI it runs in.
+host adapter is picked once, by what the running WebUI is: Forge's 2024 backend (``hosts/forge.py``),
+reForge (``hosts/reforge.py``) or A1111 (``hosts/a1111.py``); nothing else asks which WebUI it runs in.
 """
 import os
 
@@ -11,10 +11,14 @@ _service = None
 
 def adapter():
     """The adapter module for the running WebUI."""
+    import importlib.util
     from modules import sd_models
     if hasattr(sd_models, "forge_model_reload"):  # Forge: the model is a ForgeDiffusionEngine, loaded lazily
         from .hosts import forge
         return forge
+    if importlib.util.find_spec("ldm_patched") is not None:  # reForge: A1111's model over a ComfyUI-style backend
+        from .hosts import reforge
+        return reforge
     from .hosts import a1111
     return a1111
 

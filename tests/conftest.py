@@ -56,6 +56,16 @@ def assert_unchanged(before, *modules):
             assert torch.equal(b["state"][k], a["state"][k]), f"weight {k} changed"
 
 
+def fault_at(step, outcome, token):
+    """A progress callback that, at ``step``, stops (and saves), cancels, or fails like an OOM."""
+    def progress(p):
+        if p.step == step:
+            if outcome == "error":
+                raise RuntimeError("CUDA out of memory (simulated)")
+            token.stop(save=outcome == "stop")
+    return progress
+
+
 class LogCapture(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)

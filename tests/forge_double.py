@@ -279,15 +279,16 @@ class LoadedModel:
 
 class MemoryManagement:
     def __init__(self):
-        self.current_loaded_models, self.log = [], []
+        self.current_loaded_models, self.log, self.load_options = [], [], []
         self.partial = False  # the next UNet load does not fit: Forge streams part of it from the CPU
         self.low_vram = False  # loading a model pushes the others off the device (Forge's free_memory)
 
     def get_torch_device(self):
         return torch.device("cpu")
 
-    def load_models_gpu(self, patchers, memory_required=0):
+    def load_models_gpu(self, patchers, memory_required=0, **kwargs):
         self.log.append(("load", [type(p.model).__name__ for p in patchers]))
+        self.load_options.append(kwargs)  # reForge's manager takes force_full_load
         if self.low_vram:
             for i in range(len(self.current_loaded_models) - 1, -1, -1):
                 if not any(self.current_loaded_models[i].model is p for p in patchers):

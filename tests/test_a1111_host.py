@@ -10,7 +10,7 @@ from lib_charlora.engine import CancelToken, ConfigError, TrainConfig, Trainer, 
 from lib_charlora.hosts.a1111 import A1111Host
 from tests.a1111_double import FakeNetworks, make_sd_model, webui_mapping
 from tests.a1111_rule import check_file_keys
-from tests.conftest import assert_unchanged, snapshot
+from tests.conftest import assert_unchanged, fault_at, snapshot
 
 NS = types.SimpleNamespace
 
@@ -75,12 +75,7 @@ def test_model_restored_in_every_outcome(outcome, images, tmp_path, monkeypatch)
     before = snapshot(sd_model)
     token = CancelToken()
 
-    def progress(p):
-        if p.step == 2:
-            if outcome == "error":
-                raise RuntimeError("CUDA out of memory (simulated)")
-            token.stop(save=outcome == "stop")
-
+    progress = fault_at(2, outcome, token)
     trainer = Trainer(host, _cfg(steps=10, gradient_checkpointing=True), images, str(tmp_path), progress=progress,
                       cancel=token)
     if outcome == "error":
@@ -155,12 +150,14 @@ def test_card_preview_comes_from_the_webui_sampler_with_the_lora_active(images, 
 
     def process_images(p):
         hooked = sum(len(m._forward_hooks) for m in sd_model.model.diffusion_model.modules())
+        assert p.scripts.alwayson_scripts == [] and p.script_args == []  # no other extension runs (reForge needs a runner)
         calls.append((p.kw, hooked))
         return NS(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (1, 2, 3))])
 
     host = A1111Host(sd_model, NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
                      NS(device="cpu", fp8=False), None, processing=NS(StableDiffusionProcessingTxt2Img=Txt2Img,
-                                                                      process_images=process_images))
+                                                                      process_images=process_images),
+                     scripts=NS(ScriptRunner=lambda: NS(alwayson_scripts=[])))
     before = snapshot(sd_model)
     result = Trainer(host, _cfg(seed=7), images, str(tmp_path)).run()
     (kw, hooked), = calls

@@ -106,15 +106,21 @@ def test_api_auth():
 
 
 def test_webui_picks_the_adapter_by_the_running_webui(monkeypatch):
-    """Forge (``sd_models.forge_model_reload``) gets the Forge adapter; A1111 and reForge the A1111 one;
+    """Forge (``sd_models.forge_model_reload``) gets the Forge adapter, reForge (``ldm_patched``) its own,
+    A1111 the A1111 one;
     the service asks the request-time factory with the queue lock and the job-time one in the job."""
+    import importlib.util
     from lib_charlora import webui
-    from lib_charlora.hosts import a1111, forge
+    from lib_charlora.hosts import a1111, forge, reforge
     calls = []
     monkeypatch.setattr(forge, "request_host", lambda lock: calls.append(("forge request", lock)) or "host")
     monkeypatch.setattr(forge, "job_host", lambda: calls.append(("forge job",)) or "host")
     lock = object()
-    for has_reload, expected in ((True, forge), (False, a1111)):
+    find_spec = importlib.util.find_spec
+    for has_reload, has_ldm_patched, expected in ((True, False, forge), (False, True, reforge), (False, False, a1111)):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if has_ldm_patched else None) if name == "ldm_patched"
+                            else find_spec(name, *a))
         sd_models = NS(forge_model_reload=lambda: None) if has_reload else NS()
         modules = types.ModuleType("modules")
         modules.sd_models = sd_models

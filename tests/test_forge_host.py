@@ -11,7 +11,7 @@ import torch
 from lib_charlora.engine import CancelToken, TrainConfig, Trainer, UnsupportedModelError
 from lib_charlora.hosts import forge
 from lib_charlora.hosts.forge import ForgeHost
-from tests.conftest import assert_unchanged, snapshot
+from tests.conftest import assert_unchanged, fault_at, snapshot
 from tests.forge_double import generate, make_forge
 from tests.forge_rule import check_file_keys
 
@@ -66,7 +66,7 @@ def test_trains_and_every_key_resolves_through_forges_mapping(arch, prediction, 
 def test_the_traps_are_real_and_each_fix_is_needed(images, tmp_path, monkeypatch):
     """Without the adapter's fixes the double fails exactly as Forge does."""
     webui = make_forge(tmp_path, "sd1")
-    monkeypatch.setattr(forge, "_make_autograd_safe", lambda module: None)
+    monkeypatch.setattr(forge, "make_autograd_safe", lambda module: None)
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         _train(webui, images, str(tmp_path / "a"))
     monkeypatch.undo()
@@ -85,12 +85,7 @@ def test_model_restored_in_every_outcome(outcome, images, tmp_path):
     before = snapshot(*_modules(webui))
     token = CancelToken()
 
-    def progress(p):
-        if p.step == 2:
-            if outcome == "error":
-                raise RuntimeError("CUDA out of memory (simulated)")
-            token.stop(save=outcome == "stop")
-
+    progress = fault_at(2, outcome, token)
     trainer = Trainer(host, _cfg(steps=10, gradient_checkpointing=True), images, str(tmp_path / "Lora"),
                       progress=progress, cancel=token)
     if outcome == "error":
@@ -235,3 +230,21 @@ def test_service_on_forge_checks_against_the_model_that_runs(images, tmp_path):
     assert service.runner.wait(job.id, 120) and job.status == "failed"
     assert "changed since the request was checked (SD1 -> SDXL)" in job.error
     assert not os.path.exists(os.path.join(webui.lora_dir, "pip2.safetensors"))
+
+
+def test_clip_skip_and_sdxl_sizes_reach_the_model(tmp_path):
+    """Text goes through Forge's own engines: the clip-skip setting and per-picture SDXL sizes count."""
+    webui = make_forge(tmp_path, "sd1")
+    sd_model = ForgeHost.for_job(webui).sd_model
+    out = {}
+    for skip in (1, 2):
+        webui.shared.opts.CLIP_stop_at_last_layers = skip
+        host = ForgeHost(sd_model, webui)
+        with host.session(), torch.no_grad():
+            out[skip] = host.encode_text(["pipchr"], [None])["context"]
+    assert host.clip_skip == 2 and not torch.allclose(out[1], out[2])
+    xl = ForgeHost.for_job(make_forge(tmp_path / "xl", "sdxl"))
+    with torch.no_grad():
+        a = xl.encode_text(["pipchr"], [(1024, 768, 0, 0, 64, 64)])
+        b = xl.encode_text(["pipchr"], [(512, 512, 32, 0, 64, 64)])
+    assert torch.equal(a["context"], b["context"]) and not torch.allclose(a["y"], b["y"])

@@ -28,10 +28,10 @@ def _unwrap(module):
 
 class A1111Host(Host):
     def __init__(self, sd_model, cmd_opts=None, opts=None, devices=None, networks=None, known_names=(),
-                 processing=None):
+                 processing=None, scripts=None):
         self.sd_model = sd_model
         self.cmd_opts, self.opts, self.webui_devices, self.networks = cmd_opts, opts, devices, networks
-        self.processing = processing
+        self.processing, self.scripts = processing, scripts
         self._vae_device = None
         self.known_names = tuple(known_names)
         self._refuse_unsupported()
@@ -65,7 +65,7 @@ class A1111Host(Host):
 
     @classmethod
     def from_webui(cls):  # pragma: no cover - needs a running WebUI
-        from modules import devices, processing, shared
+        from modules import devices, processing, scripts, shared
         try:
             import networks  # the built-in Lora extension
         except ImportError:
@@ -78,7 +78,7 @@ class A1111Host(Host):
             pass
         if networks is not None:
             known += list(getattr(networks, "available_networks", {}))
-        return cls(shared.sd_model, shared.cmd_opts, shared.opts, devices, networks, known, processing)
+        return cls(shared.sd_model, shared.cmd_opts, shared.opts, devices, networks, known, processing, scripts)
 
     # -- what cannot be trained -----------------------------------------------------------------
     def _refuse_unsupported(self):
@@ -159,6 +159,8 @@ class A1111Host(Host):
             sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
             height=height, cfg_scale=7.0, sampler_name="Euler a", batch_size=1, n_iter=1,
             do_not_save_samples=True, do_not_save_grid=True)
+        if self.scripts is not None:  # no other extension's always-on scripts (reForge reads the runner unchecked)
+            p.scripts, p.script_args = self.scripts.ScriptRunner(), []
         try:
             processed = self.processing.process_images(p)
         finally:
@@ -205,7 +207,7 @@ class A1111Host(Host):
 
 # -- entry points for webui.py (the running A1111 / reForge) ----------------------------------------
 def request_host(lock=None):  # pragma: no cover - needs a running WebUI
-    return A1111Host.from_webui()
+    return A1111Host.from_webui()  # A1111 loads the checkpoint at start and on a switch: no lock needed
 
 
 def job_host():  # pragma: no cover - needs a running WebUI

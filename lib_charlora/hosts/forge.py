@@ -31,7 +31,7 @@ import torch
 
 from ..engine.errors import UnsupportedModelError
 from ..engine.host import Component, Host
-from .webui_common import clear_prompt_cache
+from .webui_common import clear_prompt_cache, forget_cached_loras, make_autograd_safe, unload
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 NORMS = ("norm_in", "norm1", "norm2", "norm3")
@@ -94,7 +94,8 @@ class ForgeHost(Host):
         self.model_hash = getattr(info, "hash", None)
         self.model_sha256 = getattr(info, "sha256", None)
         opts = getattr(webui.shared, "opts", None)
-        self.clip_skip = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
+        self._clip_skip_setting = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
+        self.clip_skip = self._clip_skip_setting if self.arch == "sd1" else 1  # what kohya's metadata records
         self.unet = Component("unet", kmodel.diffusion_model, "lora_unet", "ldm_unet", self.arch)
         encoders = objects.clip.cond_stage_model
         if self.arch == "sdxl":
@@ -181,7 +182,7 @@ class ForgeHost(Host):
 
     def latents_cached(self):
         """Every latent is cached: the VAE leaves the device (through Forge's bookkeeping)."""
-        self._unload(self.vae.patcher)
+        unload(self.mm, self.vae.patcher)
         self.mm.soft_empty_cache()
 
     def sample(self, prompt, seed, width, height, steps=20):
@@ -210,12 +211,6 @@ class ForgeHost(Host):
     def _training_patchers(self):
         return [self.unet_patcher, self.clip_patcher]
 
-    def _unload(self, patcher):
-        loaded = self.mm.current_loaded_models
-        for i in range(len(loaded) - 1, -1, -1):
-            if loaded[i].model is patcher:
-                loaded.pop(i).model_unload()
-
     def _keep_loaded(self):
         """UNet and text encoders on the device, with autograd-safe tensors (cheap when already so)."""
         if not getattr(self, "_active", False):
@@ -228,7 +223,7 @@ class ForgeHost(Host):
                                      "part of it from the CPU at every step, which makes training slow")
         modules = [self.unet.module] + ([c.module for c in self.text_encoders] if self._train_text_encoder else [])
         for module in modules:
-            _make_autograd_safe(module)
+            make_autograd_safe(module)
 
     def _clear_merged_loras(self):
         """Weights as in the checkpoint: undo LoRAs merged by the last generation, and make the next
@@ -241,12 +236,7 @@ class ForgeHost(Host):
         self.forget_loras()
 
     def forget_loras(self):
-        """Make the next generation read its LoRA files and encode its prompts anew: Forge caches both
-        by name (a rewritten file, or a preview made with the in-training LoRA, would be reused)."""
-        self.sd_model.current_lora_hash = str([])
-        cached = getattr(self.webui.networks, "load_lora_state_dict", None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
+        forget_cached_loras(self.sd_model, self.webui.networks)
         clear_prompt_cache(self.webui.processing)
 
     @contextlib.contextmanager
@@ -258,6 +248,7 @@ class ForgeHost(Host):
                 if any(getattr(lm, "model_accelerated", False) for lm in self.mm.current_loaded_models):
                     self.mm.unload_all_models()  # a partial (CPU-swap) load of the last generation: start clean
                 self._clear_merged_loras()
+                self.sd_model.set_clip_skip(self._clip_skip_setting)  # as Forge's processing sets it per generation
                 self._active = True
                 self._keep_loaded()
                 for block in self.unet.module.modules():
@@ -290,24 +281,6 @@ def _copy_input(module, args):
     if torch.is_grad_enabled() and x.requires_grad:
         return (x.clone(),) + tuple(args[1:])
     return None
-
-
-@torch.no_grad()
-def _make_autograd_safe(module):
-    """Replace inference-mode parameters and buffers by normal tensors with the same values.
-
-    Forge creates them under ``torch.inference_mode()`` (loading, LoRA merges, moves during sampling),
-    and autograd cannot save them for backward. Replaced one at a time, so memory stays flat; never
-    through ``p.data = ...``, which corrupts an inference parameter. The session restores the
-    ``requires_grad`` flags (Forge's are True) by name when it ends.
-    """
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and p.is_inference():
-                sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)  # frozen
-        for name, b in list(sub._buffers.items()):
-            if b is not None and b.is_inference():
-                sub._buffers[name] = b.clone()
 
 
 # -- entry points for webui.py (the running Forge) ----------------------------------------------------

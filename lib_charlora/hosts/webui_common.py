@@ -1,4 +1,7 @@
-"""What the A1111-family WebUIs (A1111, reForge, Forge) share and both adapters use."""
+"""What the A1111-family WebUIs share and more than one adapter uses: A1111, reForge and Forge have the
+same ``processing`` caches; reForge and Forge (ComfyUI-style backends) build and merge weights under
+``torch.inference_mode()``, cache LoRA files by name and keep models loaded through a memory manager."""
+import torch
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
 
@@ -6,10 +9,47 @@ _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
 def clear_prompt_cache(processing):
     """Forget the text conditioning the WebUI keeps across generations. Its key holds the prompt and
     the LoRA names, not the files: after a LoRA (with a text-encoder part) is rewritten under the same
-    name, the next generation would reuse conditioning made with the old file."""
+    name, or after a preview made with the in-training LoRA, the next generation would reuse it."""
     for cls_name in ("StableDiffusionProcessing", "StableDiffusionProcessingTxt2Img"):
         cls = getattr(processing, cls_name, None)
         for attr in _COND_CACHES:
             cache = cls.__dict__.get(attr) if isinstance(cls, type) else None
             if isinstance(cache, list):
                 setattr(cls, attr, [None] * len(cache))
+
+
+def forget_cached_loras(sd_model, networks):
+    """The built-in LoRA extension of Forge / reForge caches state dicts by file name and skips an
+    unchanged LoRA list (``current_lora_hash``): the next generation must read the files anew."""
+    if hasattr(sd_model, "current_lora_hash"):
+        sd_model.current_lora_hash = str([])
+    cached = getattr(networks, "load_lora_state_dict", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
+def unload(memory_management, patcher):
+    """Take one model off the device through the memory manager's own bookkeeping (moving it behind
+    the manager's back would make its next user run on the wrong device)."""
+    loaded = memory_management.current_loaded_models
+    for i in range(len(loaded) - 1, -1, -1):
+        if loaded[i].model is patcher:
+            loaded.pop(i).model_unload()
+
+
+@torch.no_grad()
+def make_autograd_safe(module):
+    """Replace inference-mode parameters and buffers by normal tensors with the same values.
+
+    Forge and reForge create them under ``torch.inference_mode()`` (loading, LoRA merges, moves during
+    sampling), and autograd cannot save them for backward. Replaced one at a time, so memory stays
+    flat; never through ``p.data = ...``, which corrupts an inference parameter. The session restores
+    the ``requires_grad`` flags by name when it ends.
+    """
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)  # frozen
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_inference():
+                sub._buffers[name] = b.clone()
