@@ -84,8 +84,10 @@ class TrainService:
         for key in (*_NUMERIC, *_BOOL):
             if key in body:
                 values["preview_every" if key == "sample_every" else key] = body[key]
-        if not host.supports_text_encoder_training:
+        notes = []
+        if not host.supports_text_encoder_training and values.get("train_text_encoder"):
             values["train_text_encoder"] = False
+            notes.append("the text encoder is not trained in this WebUI's memory mode (--medvram): UNet only")
         cfg = TrainConfig(name=name, trigger=trigger.strip(), **values).validate()
         if os.path.exists(os.path.join(self.lora_dir, name + ".safetensors")) and not cfg.overwrite:
             raise ConfigError("name", f"a LoRA named '{name}' already exists; choose another name or set overwrite")
@@ -95,6 +97,7 @@ class TrainService:
             images, report = _usable(*load_uploads(files, cfg.resolution))
         else:
             images, report = self._intake(body, cfg.resolution)
+        report["warnings"] = notes + list(report["warnings"])
         return TrainSpec(cfg, images, report, (host.arch, host.prediction))
 
     def _intake(self, body, resolution):

@@ -120,6 +120,13 @@ def test_medvram_trains_unet_only(images, tmp_path):
     assert os.listdir(tmp_path) == []
     result = Trainer(host, _cfg(train_text_encoder=False), images, str(tmp_path)).run()
     assert result.status == "done"
+    # through the service (tab, API) a request for text-encoder training is trained UNet-only, and says so
+    from lib_charlora.service import TrainService
+    from tests.test_api import PICS
+    spec = TrainService(lambda: host, str(tmp_path / "Lora")).parse(
+        {"name": "pip", "images": PICS, "resolution": 64, "train_text_encoder": True})
+    assert spec.config.train_text_encoder is False
+    assert any("text encoder is not trained" in w and "--medvram" in w for w in spec.report["warnings"])
 
 
 def test_clip_skip_and_sizes_reach_the_model(images):
