@@ -49,8 +49,9 @@ class TrainService:
     (default: the same) when the job runs, under the lock (Forge loads the selected checkpoint then)."""
 
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
-                 settings=None, tasks=None, job_host_factory=None):
+                 settings=None, tasks=None, job_host_factory=None, total_progress=None):
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
+        self.total_progress = total_progress  # the WebUI's console "Total progress" bar (previews advance it)
         self.job_host_factory = job_host_factory or host_factory
         self.tasks = tasks  # the WebUI's progress module: add_task_to_queue / start_task / finish_task
         self.settings = settings or (lambda: {})
@@ -171,6 +172,8 @@ class TrainService:
                 self.tasks.finish_task(job.task_id)
             if state is not None and hasattr(state, "end"):
                 state.end()
+            if self.total_progress is not None:
+                self.total_progress.clear()  # as the WebUI's own API does after a job
 
     def _train(self, job, host, state):
         spec = job.spec

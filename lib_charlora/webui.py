@@ -41,7 +41,8 @@ def service():
         hosts = adapter()
         lock = call_queue.queue_lock
         _service = TrainService(lambda: hosts.request_host(lock), lora_dir(), lock=lock, state=shared.state,
-                                settings=settings, tasks=progress, job_host_factory=hosts.job_host)
+                                settings=settings, tasks=progress, job_host_factory=hosts.job_host,
+                                total_progress=getattr(shared, "total_tqdm", None))
     return _service
 
 

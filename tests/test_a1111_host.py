@@ -169,7 +169,7 @@ def test_card_preview_comes_from_the_webui_sampler_with_the_lora_active(images, 
     result = Trainer(host, _cfg(seed=7), images, str(tmp_path)).run()
     (kw, hooked), = calls
     assert kw["prompt"] == "pipchr" and kw["seed"] == 7 and (kw["width"], kw["height"]) == (64, 64)
-    assert kw["do_not_save_samples"] and kw["sd_model"] is sd_model
+    assert kw["do_not_save_samples"] and kw["sd_model"] is sd_model and kw["scheduler"] == "Automatic"
     assert hooked == 192  # every UNet target carries our LoRA while the WebUI samples
     assert Image.open(tmp_path / "char.preview.png").getpixel((0, 0)) == (1, 2, 3)
     assert_unchanged(before, sd_model)

@@ -221,8 +221,11 @@ def test_sample_every_shows_live_previews(tmp_path):
     host = A1111Host(make_sd_model("sd1"), NS(lowvram=False, medvram=False), NS(CLIP_stop_at_last_layers=1),
                      NS(device="cpu", fp8=False), processing=processing)
     state = NS(interrupted=False, assign_current_image=shown.append)
-    service = TrainService(lambda: host, str(tmp_path / "Lora"), state=state)
+    cleared = []
+    service = TrainService(lambda: host, str(tmp_path / "Lora"), state=state,
+                           total_progress=NS(clear=lambda: cleared.append(1)))
     job = service.submit({"name": "pip", "images": PICS, "steps": 5, "resolution": 64, "sample_every": 2})
     assert job.spec.config.preview_every == 2 and job.spec.config.save_every == 0
     service.runner.wait(job.id, 60)
     assert job.status == "done" and len(shown) == 2 and job.preview is shown[-1]
+    assert cleared == [1]  # the console's "Total progress" bar the previews advanced is reset, as the WebUI's API does

@@ -157,7 +157,7 @@ class A1111Host(Host):
         self._restore_vae()  # the sampler decodes with it
         p = self.processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
-            height=height, cfg_scale=7.0, sampler_name="Euler a", batch_size=1, n_iter=1,
+            height=height, cfg_scale=7.0, sampler_name="Euler a", scheduler="Automatic", batch_size=1, n_iter=1,
             do_not_save_samples=True, do_not_save_grid=True)
         if self.scripts is not None:  # no other extension's always-on scripts (reForge reads the runner unchecked)
             p.scripts, p.script_args = self.scripts.ScriptRunner(), []

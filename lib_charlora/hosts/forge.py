@@ -195,7 +195,7 @@ class ForgeHost(Host):
                                "Forge does not switch models under the training")
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
-            height=height, cfg_scale=7.0, sampler_name="Euler a", batch_size=1, n_iter=1,
+            height=height, cfg_scale=7.0, sampler_name="Euler a", scheduler="Automatic", batch_size=1, n_iter=1,
             do_not_save_samples=True, do_not_save_grid=True)
         try:
             processed = processing.process_images(p)
