@@ -1,4 +1,4 @@
-"""Host adapter for AUTOMATIC1111 1.10.x (and reForge, whose ``sd_model`` is A1111-like).
+"""Host adapter for AUTOMATIC1111 1.10.x (reForge, whose ``sd_model`` is A1111-like, subclasses it).
 
 It hands the engine the pieces of the checkpoint the WebUI has loaded (reference: a1111-host.md):
 
@@ -205,7 +205,7 @@ class A1111Host(Host):
         return None
 
 
-# -- entry points for webui.py (the running A1111 / reForge) ----------------------------------------
+# -- entry points for webui.py (the running A1111) ---------------------------------------------------
 def request_host(lock=None):  # pragma: no cover - needs a running WebUI
     return A1111Host.from_webui()  # A1111 loads the checkpoint at start and on a switch: no lock needed
 
