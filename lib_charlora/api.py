@@ -47,20 +47,30 @@ def register(app, service, api_auth=None):
             body["report"] = report.to_dict() if hasattr(report, "to_dict") else report
         return JSONResponse(status_code=status, content=body)
 
-    async def train(request: Request):
-        try:
-            body = await request.json()
-        except Exception:
-            return error(422, "the body must be JSON", "body")
-        try:
-            job = service.submit(body)
-        except ConfigError as e:
-            return error(422, str(e), e.field)
-        except DatasetError as e:
-            return error(422, str(e), "images", e.report)
-        except CharLoraError as e:  # e.g. the loaded model cannot be trained
-            return error(422, str(e))
+    def handler(action):
+        """A POST route: JSON body -> ``action(body)`` -> its answer, or a 422 naming the problem."""
+        async def route(request: Request):
+            try:
+                body = await request.json()
+            except Exception:
+                return error(422, "the body must be JSON", "body")
+            try:
+                return action(body)
+            except ConfigError as e:
+                return error(422, str(e), e.field)
+            except DatasetError as e:
+                return error(422, str(e), "images", e.report)
+            except CharLoraError as e:  # e.g. the loaded model cannot be trained
+                return error(422, str(e))
+        return route
+
+    def train(body):
+        job = service.submit(body)
         return {"job_id": job.id, "warnings": job.warnings}
+
+    def evaluate(body):
+        job = service.submit_evaluation(body)
+        return {"job_id": job.id, "pictures": job.total_steps, "warnings": job.warnings}
 
     def jobs():
         return {"jobs": [j.to_dict() for j in service.runner.list()]}
@@ -84,7 +94,9 @@ def register(app, service, api_auth=None):
             raise HTTPException(status_code=404, detail=f"no job {job_id}")
         return j.to_dict()
 
-    app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/train", handler(train), methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/evaluate", handler(evaluate), methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/promote", handler(lambda body: service.promote(body)), methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/jobs", jobs, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", job, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/stop", stop, methods=["POST"], dependencies=dependencies)

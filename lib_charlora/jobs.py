@@ -1,4 +1,5 @@
-"""One job runner for the WebUI tab, the HTTP API and the CLI: a FIFO queue worked by one thread,
+"""One job runner for the WebUI tab, the HTTP API and the CLI: a FIFO queue worked by one thread
+(trainings and evaluations alike),
 each job run under the host's lock (A1111's ``queue_lock``: generations wait, the checkpoint
 cannot be switched mid-training), with status, progress, stop-and-save and cancel."""
 import itertools
@@ -37,11 +38,14 @@ class Job:
     task_id: Optional[str] = None          # the WebUI's progress-bar task id (tab only)
     loss_history: list = field(default_factory=list)
     preview: object = None                 # the latest preview picture (PIL), if previews are on
+    kind: str = "train"                    # "train" or "evaluate"
+    result: Optional[dict] = None          # an evaluation's grids, scores and pick
 
     def to_dict(self):
-        return {"job_id": self.id, "status": self.status, "step": self.step, "total_steps": self.total_steps,
-                "loss": self.loss, "eta_seconds": self.eta_seconds, "lora_name": self.lora_name,
-                "lora_path": self.lora_path, "warnings": list(self.warnings), "error": self.error}
+        return {"job_id": self.id, "kind": self.kind, "status": self.status, "step": self.step,
+                "total_steps": self.total_steps, "loss": self.loss, "eta_seconds": self.eta_seconds,
+                "lora_name": self.lora_name, "lora_path": self.lora_path, "warnings": list(self.warnings),
+                "error": self.error, "result": self.result}
 
 
 class JobRunner:
@@ -123,7 +127,9 @@ class JobRunner:
                 else:
                     result = self._run(job)
                 job.status = {"done": "done", "stopped": "done", "cancelled": "cancelled"}[result.status]
-                job.lora_path = result.path
+                job.lora_path = getattr(result, "path", None) or job.lora_path
+                if hasattr(result, "to_dict"):
+                    job.result = result.to_dict()
                 job.warnings += [w for w in result.warnings if w not in job.warnings]
             except CharLoraError as e:
                 job.status, job.error = "failed", str(e)

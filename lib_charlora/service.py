@@ -7,12 +7,15 @@ queued, written or touched.
 import base64
 import binascii
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-from .engine import TrainConfig
+from .engine import TrainConfig, export
 from .engine.config import validate_name
 from .engine.dataset import DatasetError, load_folder, load_uploads
-from .engine.errors import ConfigError, UnsupportedModelError
+from .engine.embedders import DEFAULT_CLIP, load_clip, load_face_embedder
+from .engine.errors import CharLoraError, ConfigError, UnsupportedModelError
+from .engine.evaluate import EvalConfig, Evaluator, find_checkpoints
 from .engine.presets import preset
 from .engine.trainer import Trainer
 from .jobs import JobRunner
@@ -21,8 +24,12 @@ from .jobs import JobRunner
 _NUMERIC = {"steps": int, "rank": int, "alpha": (int, float), "learning_rate": (int, float),
             "text_encoder_lr": (int, float), "resolution": int, "batch_size": int, "seed": int, "sample_every": int,
             "save_every": int}
-_BOOL = ("train_text_encoder", "overwrite")
+_BOOL = ("train_text_encoder", "overwrite", "keep_checkpoints")
 _FIELDS = {"name", "trigger", "images", "image_dir", "captions", "preset", *_NUMERIC, *_BOOL}
+_EVAL_FIELDS = {"lora", "trigger", "checkpoints", "prompts", "seeds", "strengths", "steps", "width", "height",
+                "sampler", "images", "image_dir"}
+REFERENCE_DIR = "reference"     # <outputs>/<name>/reference/: training pictures kept for the identity score
+MAX_REFERENCES = 16
 
 
 @dataclass
@@ -31,6 +38,15 @@ class TrainSpec:
     images: list
     report: dict
     model: tuple = ()          # (arch, prediction) the request was validated for
+    keep_checkpoints: bool = None   # None: the Settings' choice
+
+
+@dataclass
+class EvalSpec:
+    config: EvalConfig
+    references: list = field(default_factory=list)   # training pictures (PIL) for the identity score
+    model: tuple = ()
+    pictures: int = 0
 
 
 def _b64(value, index):
@@ -49,8 +65,12 @@ class TrainService:
     (default: the same) when the job runs, under the lock (Forge loads the selected checkpoint then)."""
 
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
-                 settings=None, tasks=None, job_host_factory=None, total_progress=None):
+                 settings=None, tasks=None, job_host_factory=None, total_progress=None, outputs_dir=None,
+                 embedder_factory=None):
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
+        self.outputs_dir = outputs_dir or os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "charlora-tests")
+        self.embedder_factory = embedder_factory  # () -> (embedder, None) or (None, "unavailable: ...")
+        self._clip = None
         self.total_progress = total_progress  # the WebUI's console "Total progress" bar (previews advance it)
         self.job_host_factory = job_host_factory or host_factory
         self.tasks = tasks  # the WebUI's progress module: add_task_to_queue / start_task / finish_task
@@ -83,7 +103,7 @@ class TrainService:
         settings = self.settings()
         values = preset(body.get("preset", settings.get("default_preset", "balanced")), host.arch, host.prediction)
         for key in (*_NUMERIC, *_BOOL):
-            if key in body:
+            if key in body and key != "keep_checkpoints":
                 values["preview_every" if key == "sample_every" else key] = body[key]
         notes = []
         if not host.supports_text_encoder_training and values.get("train_text_encoder"):
@@ -99,7 +119,7 @@ class TrainService:
         else:
             images, report = self._intake(body, cfg.resolution)
         report["warnings"] = notes + list(report["warnings"])
-        return TrainSpec(cfg, images, report, (host.arch, host.prediction))
+        return TrainSpec(cfg, images, report, (host.arch, host.prediction), body.get("keep_checkpoints"))
 
     def _intake(self, body, resolution):
         has_images, has_dir = body.get("images") is not None, body.get("image_dir") is not None
@@ -139,6 +159,66 @@ class TrainService:
                                                    for w in f["warnings"]]
         return job
 
+    def parse_evaluation(self, body):
+        """JSON body -> EvalSpec: the LoRA and its checkpoints exist, fit the loaded model's kind, and the
+        grid stays under the picture cap; training pictures from the body or kept at training time."""
+        if not isinstance(body, dict):
+            raise ConfigError("body", "must be a JSON object")
+        unknown = sorted(set(body) - _EVAL_FIELDS)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown field; known fields: {', '.join(sorted(_EVAL_FIELDS))}")
+        cfg = EvalConfig(lora=body.get("lora"), **{k: body[k] for k in _EVAL_FIELDS - {"lora", "images", "image_dir"}
+                                                   if k in body})
+        host = self.host_factory()
+        if body.get("images") is not None or body.get("image_dir") is not None:
+            images, _ = self._intake(body, 512)
+            references = [im.image for im in images]
+        else:
+            references = _read_references(self._references_dir(cfg.lora))
+        _, _, total, _, _ = Evaluator(host, cfg, self.lora_dir, "").plan()
+        return EvalSpec(cfg, references, (host.arch, host.prediction), total)
+
+    def submit_evaluation(self, body, task_id=None):
+        spec = self.parse_evaluation(body)
+        if task_id and self.tasks is not None:
+            self.tasks.add_task_to_queue(task_id)
+        job = self.runner.submit(spec.config.lora, spec, kind="evaluate", task_id=task_id, output_dir=self.lora_dir)
+        job.total_steps, job.lora_name = spec.pictures, spec.config.lora
+        if not spec.references:
+            job.warnings.append("no training pictures were kept or given: the identity score is unavailable")
+        return job
+
+    def promote(self, body):
+        """Make a checkpoint of a LoRA its main file (``{"lora", "checkpoint", "strength"}``) -> metadata."""
+        if not isinstance(body, dict):
+            raise ConfigError("body", "must be a JSON object")
+        unknown = sorted(set(body) - {"lora", "checkpoint", "strength"})
+        if unknown:
+            raise ConfigError(unknown[0], "unknown field; known fields: checkpoint, lora, strength")
+        name = validate_name(body.get("lora"), "lora")
+        strength = body.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 2:
+            raise ConfigError("strength", f"must be a number > 0 and <= 2, got {strength!r}")
+        checkpoint = body.get("checkpoint")
+        by_file = {c.file: c for c in find_checkpoints(self.lora_dir, name) if not c.final}
+        if checkpoint not in by_file:
+            raise ConfigError("checkpoint", f"{checkpoint!r} is not an intermediate checkpoint of '{name}'; "
+                                            f"available: {', '.join(by_file) or 'none'}")
+        busy = [j for j in self.runner.list() if j.name == name and j.kind == "train"
+                and j.status in ("queued", "running")]
+        if busy:
+            raise ConfigError("lora", f"a training of '{name}' is {busy[0].status}; promote when it has ended")
+        metadata = export.promote(self.lora_dir, name, by_file[checkpoint].path, strength,
+                                  note=f"promoted {checkpoint} at strength {strength:g}")
+        notes = []
+        try:
+            note = getattr(self.host_factory(), "refresh_lora_list", lambda: None)()
+            notes += [note] if note else []
+        except CharLoraError as e:
+            notes.append(f"the Lora list was not refreshed ({e}); press Refresh on the Lora cards")
+        return {"lora": name, "path": export.output_path(self.lora_dir, name), "ss_steps": metadata.get("ss_steps"),
+                "promoted_from": checkpoint, "preferred_weight": strength, "warnings": notes}
+
     @property
     def lora_dir(self):
         """The WebUI's Lora folder, or the sub-folder chosen in Settings."""
@@ -156,8 +236,9 @@ class TrainService:
         state = self.state
         if state is not None:
             if hasattr(state, "begin"):
-                state.begin(job="charlora-train")
-            state.job, state.job_count, state.job_no = "charlora-train", spec.config.steps, 0
+                state.begin(job=f"charlora-{job.kind}")
+            count = spec.config.steps if job.kind == "train" else spec.pictures
+            state.job, state.job_count, state.job_no = f"charlora-{job.kind}", count, 0
         if job.task_id and self.tasks is not None:
             self.tasks.start_task(job.task_id)
         try:
@@ -166,7 +247,7 @@ class TrainService:
                 raise UnsupportedModelError(
                     f"the loaded checkpoint changed since the request was checked ({_kind(*spec.model)} -> "
                     f"{_kind(host.arch, host.prediction)}); its settings may not fit: send the training again")
-            return self._train(job, host, state)
+            return (self._train if job.kind == "train" else self._evaluate)(job, host, state)
         finally:
             if job.task_id and self.tasks is not None:
                 self.tasks.finish_task(job.task_id)
@@ -199,14 +280,77 @@ class TrainService:
                           on_preview=preview,
                           caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir)
         result = trainer.run()
-        if result.status == "done" and not self.settings().get("keep_checkpoints", False):
+        keep = spec.keep_checkpoints if spec.keep_checkpoints is not None else self.settings().get("keep_checkpoints")
+        if result.status == "done" and not keep:
             _remove_checkpoints(trainer.checkpoint_dir, spec.config.name)
+        if result.path:
+            _keep_references(self._references_dir(spec.config.name), spec.images)
         job.warnings += [w for w in trainer.warnings + list(getattr(host, "warnings", ())) if w not in job.warnings]
         if result.path:
             note = getattr(host, "refresh_lora_list", lambda: None)()
             if note:
                 job.warnings.append(note)
         return result
+
+
+    def _evaluate(self, job, host, state):
+        spec, cfg = job.spec, job.spec.config
+        identity, text, note = self._embedders(spec.references)
+
+        def progress(done, total):
+            job.step, job.total_steps = done, total
+            if state is not None:
+                state.job_no = done
+                state.textinfo = f"Character LoRA: testing '{cfg.lora}', picture {done}/{total}"
+                if getattr(state, "interrupted", False):
+                    job.cancel.stop(save=False)
+
+        out = os.path.join(self.outputs_dir, cfg.lora, f"test-{time.strftime('%Y%m%d-%H%M%S')}-{job.id.split('-')[0]}")
+        return Evaluator(host, cfg, self.lora_dir, out, spec.references, (identity, text), note, job.cancel,
+                         progress).run()
+
+    def _references_dir(self, name):
+        return os.path.join(self.outputs_dir, name, REFERENCE_DIR)
+
+    def _embedders(self, references):
+        """(identity embedder, text embedder, note): CLIP for both, loaded once; a face embedder for
+        identity when one is installed and finds faces in most training pictures."""
+        if self._clip is None or self._clip[0] is None:
+            factory = self.embedder_factory or (
+                lambda: load_clip(self.settings().get("clip_model") or DEFAULT_CLIP))
+            self._clip = factory()
+        clip, note = self._clip
+        if clip is None:
+            return None, None, note
+        face = load_face_embedder() if references else None
+        if face is not None:
+            face.images(references)
+            if sum(face.found) * 2 > len(references):
+                return face, clip, None
+        return clip, clip, None
+
+
+def _keep_references(directory, images):
+    """A few training pictures (small) beside the checkpoints, for the identity score of later tests."""
+    import shutil
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    for i, im in enumerate(images[:MAX_REFERENCES]):
+        picture = im.image.copy()
+        picture.thumbnail((384, 384))
+        picture.convert("RGB").save(os.path.join(directory, f"{i:02d}.png"))
+
+
+def _read_references(directory):
+    from PIL import Image
+    if not os.path.isdir(directory):
+        return []
+    out = []
+    for f in sorted(os.listdir(directory)):
+        if f.endswith(".png"):
+            with Image.open(os.path.join(directory, f)) as im:
+                out.append(im.convert("RGB"))
+    return out
 
 
 def _kind(arch, prediction):

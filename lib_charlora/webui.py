@@ -40,9 +40,11 @@ def service():
         from .service import TrainService
         hosts = adapter()
         lock = call_queue.queue_lock
+        from modules import paths
         _service = TrainService(lambda: hosts.request_host(lock), lora_dir(), lock=lock, state=shared.state,
                                 settings=settings, tasks=progress, job_host_factory=hosts.job_host,
-                                total_progress=getattr(shared, "total_tqdm", None))
+                                total_progress=getattr(shared, "total_tqdm", None),
+                                outputs_dir=os.path.join(paths.data_path, "outputs", "charlora"))
     return _service
 
 
@@ -105,7 +107,9 @@ def settings():
     return {"default_preset": {"Fast": "fast", "Quality": "quality"}.get(getattr(o, "charlora_default_preset", ""),
                                                                          "balanced"),
             "subfolder": getattr(o, "charlora_subfolder", ""),
-            "keep_checkpoints": bool(getattr(o, "charlora_keep_checkpoints", False))}
+            "keep_checkpoints": bool(getattr(o, "charlora_keep_checkpoints", False)),
+            "clip_model": (getattr(o, "charlora_clip_model", "") or "").strip(),
+            "test_after_training": bool(getattr(o, "charlora_test_after_training", True))}
 
 
 def on_ui_settings():
@@ -119,3 +123,8 @@ def on_ui_settings():
     add("charlora_keep_checkpoints", shared.OptionInfo(False, "Keep intermediate checkpoints after a finished "
                                                               "training (they show as extra Lora cards)",
                                                        section=SECTION))
+    add("charlora_test_after_training", shared.OptionInfo(True, "Test a LoRA after training in the tab (grid and "
+                                                                "scores of its checkpoints)", section=SECTION))
+    add("charlora_clip_model", shared.OptionInfo("openai/clip-vit-large-patch14", "CLIP model for the identity and "
+                                                 "prompt-fidelity scores (downloaded once on first use)",
+                                                 section=SECTION))

@@ -449,10 +449,10 @@ class Networks:
 
     def list_available_networks(self):
         self.available_networks = {}
-        if os.path.isdir(self.lora_dir):
-            for f in os.listdir(self.lora_dir):
+        for folder, _, files in os.walk(self.lora_dir):  # Forge walks the Lora folder and its sub-folders
+            for f in files:
                 if f.endswith(".safetensors"):
-                    self.available_networks[f[:-len(".safetensors")]] = os.path.join(self.lora_dir, f)
+                    self.available_networks[f[:-len(".safetensors")]] = os.path.join(folder, f)
 
     def load_networks(self, names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
         sd = self.sd_models.model_data.sd_model
@@ -488,7 +488,7 @@ class Processing:
 
     def __init__(self, sd_models, networks, mm):
         self.sd_models, self.networks, self.mm = sd_models, networks, mm
-        self.runs = []
+        self.runs, self.prompts = [], []
         self.StableDiffusionProcessing = type("StableDiffusionProcessing", (),
                                               {"cached_c": [None, None, None], "cached_uc": [None, None, None]})
 
@@ -497,6 +497,7 @@ class Processing:
         return NS(close=lambda: None, **kwargs)
 
     def process_images(self, p, steps=3):
+        self.prompts.append(p.prompt)
         with torch.inference_mode():
             sd, _ = self.sd_models.forge_model_reload()
             sd.forge_objects = sd.forge_objects_original.shallow_copy()

@@ -207,10 +207,13 @@ def test_webui_settings_registration(monkeypatch):
     monkeypatch.setitem(sys.modules, "modules.shared", shared)
     from lib_charlora import webui
     webui.on_ui_settings()
-    assert set(added) == {"charlora_default_preset", "charlora_subfolder", "charlora_keep_checkpoints"}
+    assert set(added) == {"charlora_default_preset", "charlora_subfolder", "charlora_keep_checkpoints",
+                          "charlora_test_after_training", "charlora_clip_model"}
     assert all(i.section == ("charlora", "Character LoRA") for i in added.values())
     opts.charlora_default_preset, opts.charlora_subfolder, opts.charlora_keep_checkpoints = "Quality", "x", True
-    assert webui.settings() == {"default_preset": "quality", "subfolder": "x", "keep_checkpoints": True}
+    opts.charlora_test_after_training, opts.charlora_clip_model = False, " my/clip "
+    assert webui.settings() == {"default_preset": "quality", "subfolder": "x", "keep_checkpoints": True,
+                                "clip_model": "my/clip", "test_after_training": False}
 
 
 def test_sample_every_shows_live_previews(tmp_path):

@@ -60,6 +60,18 @@ class StubService:
         self.runner.jobs[job.id] = job
         return job
 
+    def submit_evaluation(self, body):
+        if body.get("lora") == "missing":
+            raise ConfigError("lora", "no LoRA named 'missing'")
+        job = self.submit({"name": body["lora"]})
+        job.total_steps = 12
+        return job
+
+    def promote(self, body):
+        if body.get("checkpoint") is None:
+            raise ConfigError("checkpoint", "is not an intermediate checkpoint")
+        return {"lora": body["lora"], "ss_steps": "4"}
+
 
 def _client(api_auth=None):
     app = FastAPI()
@@ -95,6 +107,14 @@ def test_routes_answer_and_refuse_with_the_field():
     assert r.status_code == 422 and "Flux" in r.json()["detail"]
     r = client.post("/charlora/v1/train", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == "body"
+    r = client.post("/charlora/v1/evaluate", json={"lora": "pip"})
+    assert r.status_code == 200 and r.json()["pictures"] == 12 and r.json()["job_id"] == "j2"
+    r = client.post("/charlora/v1/evaluate", json={"lora": "missing"})
+    assert r.status_code == 422 and r.json()["field"] == "lora"
+    assert client.post("/charlora/v1/promote", json={"lora": "pip", "checkpoint": "pip-step000004.safetensors"}
+                       ).json() == {"lora": "pip", "ss_steps": "4"}
+    r = client.post("/charlora/v1/promote", json={"lora": "pip"})
+    assert r.status_code == 422 and r.json()["field"] == "checkpoint"
 
 
 def test_api_auth():

@@ -194,3 +194,42 @@ def write_lora(path, tensors, metadata, *, overwrite=False, preview=None, card=N
             if os.path.exists(tmp):
                 os.remove(tmp)
     return path
+
+
+def promote(lora_dir, name, checkpoint_path, strength=1.0, note=""):
+    """Make a checkpoint of LoRA ``name`` its ``<name>.safetensors``, atomically; -> the new metadata.
+
+    The current final file is first copied to ``<name>_checkpoints/<name>-final.safetensors``; then the
+    checkpoint's tensors and metadata (plus where it came from and why) replace the final file through a
+    temporary file, and the card's preferred weight becomes ``strength``. Whenever it stops, the final
+    file is either the old one or the new one, never a part.
+    """
+    final = output_path(lora_dir, name)
+    tensors = safetensors.torch.load_file(checkpoint_path)
+    with safetensors.safe_open(checkpoint_path, "pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata.pop("sshs_model_hash", None)  # recomputed for the new file
+    metadata["charlora_promoted_from"] = os.path.basename(checkpoint_path)
+    if note:
+        metadata["charlora_pick"] = note
+    if os.path.isfile(final):
+        keep = os.path.join(lora_dir, f"{name}_checkpoints", f"{name}-final.safetensors")
+        os.makedirs(os.path.dirname(keep), exist_ok=True)
+        try:
+            with open(final, "rb") as f:
+                _write_file(keep + ".tmp", [f.read()])
+            os.replace(keep + ".tmp", keep)
+        finally:
+            if os.path.exists(keep + ".tmp"):
+                os.remove(keep + ".tmp")
+    card_path = final[:-len(".safetensors")] + ".json"
+    card = {}
+    if os.path.isfile(card_path):
+        try:
+            with open(card_path, encoding="utf-8") as f:
+                card = json.load(f)
+        except (OSError, ValueError):
+            card = {}
+    card["preferred weight"] = strength
+    write_lora(final, tensors, metadata, overwrite=True, card=card)
+    return metadata

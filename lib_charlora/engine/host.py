@@ -63,6 +63,11 @@ class Host:
         """Optional: an image from the host's own sampler with the attached LoRA active."""
         return None
 
+    def generate(self, prompt, seed, width, height, steps=20, sampler="Euler a", lora=None):
+        """A picture from the host's own sampler for evaluation, with the LoRA file ``lora`` =
+        ``(path, strength)`` loaded the way users load it (not the trainer's hooks); None: no LoRA."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate pictures")
+
     def latents_cached(self):
         """Called once every latent is cached (the VAE is not needed for training any more)."""
 

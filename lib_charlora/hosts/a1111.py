@@ -19,7 +19,7 @@ import torch
 
 from ..engine.errors import UnsupportedModelError
 from ..engine.host import Component, Host
-from .webui_common import clear_prompt_cache
+from .webui_common import clear_prompt_cache, lora_prompt
 
 
 def _unwrap(module):
@@ -155,9 +155,18 @@ class A1111Host(Host):
         if self.processing is None:
             return None
         self._restore_vae()  # the sampler decodes with it
+        return self._txt2img(prompt, seed, width, height, steps, "Euler a")
+
+    def generate(self, prompt, seed, width, height, steps=20, sampler="Euler a", lora=None):
+        """Through the WebUI's txt2img with ``<lora:file:strength>`` in the prompt, as a user would."""
+        if self.processing is None:
+            raise UnsupportedModelError("the WebUI's processing module is not available to generate pictures")
+        return self._txt2img(lora_prompt(prompt, lora), seed, width, height, steps, sampler)
+
+    def _txt2img(self, prompt, seed, width, height, steps, sampler):
         p = self.processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
-            height=height, cfg_scale=7.0, sampler_name="Euler a", scheduler="Automatic", batch_size=1, n_iter=1,
+            height=height, cfg_scale=7.0, sampler_name=sampler, scheduler="Automatic", batch_size=1, n_iter=1,
             do_not_save_samples=True, do_not_save_grid=True)
         if self.scripts is not None:  # no other extension's always-on scripts (reForge reads the runner unchecked)
             p.scripts, p.script_args = self.scripts.ScriptRunner(), []

@@ -31,7 +31,7 @@ import torch
 
 from ..engine.errors import UnsupportedModelError
 from ..engine.host import Component, Host
-from .webui_common import clear_prompt_cache, forget_cached_loras, make_autograd_safe, unload
+from .webui_common import clear_prompt_cache, forget_cached_loras, lora_prompt, make_autograd_safe, unload
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 NORMS = ("norm_in", "norm1", "norm2", "norm3")
@@ -187,15 +187,27 @@ class ForgeHost(Host):
 
     def sample(self, prompt, seed, width, height, steps=20):
         """A picture from Forge's own txt2img processing, with the attached LoRA active."""
-        processing = self.webui.processing
-        if processing is None:
+        if self.webui.processing is None:
             return None
         if not self.webui.model_is_current():
             raise RuntimeError("another checkpoint was selected during training; previews are skipped so that "
                                "Forge does not switch models under the training")
+        try:
+            return self._txt2img(prompt, seed, width, height, steps, "Euler a")
+        finally:
+            self._keep_loaded()  # sampling ran in inference mode and may have moved or re-made weights
+
+    def generate(self, prompt, seed, width, height, steps=20, sampler="Euler a", lora=None):
+        """Through Forge's txt2img with ``<lora:file:strength>`` in the prompt, as a user would."""
+        if self.webui.processing is None:
+            raise UnsupportedModelError("Forge's processing module is not available to generate pictures")
+        return self._txt2img(lora_prompt(prompt, lora), seed, width, height, steps, sampler)
+
+    def _txt2img(self, prompt, seed, width, height, steps, sampler):
+        processing = self.webui.processing
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
-            height=height, cfg_scale=7.0, sampler_name="Euler a", scheduler="Automatic", batch_size=1, n_iter=1,
+            height=height, cfg_scale=7.0, sampler_name=sampler, scheduler="Automatic", batch_size=1, n_iter=1,
             do_not_save_samples=True, do_not_save_grid=True)
         try:
             processed = processing.process_images(p)
@@ -203,7 +215,6 @@ class ForgeHost(Host):
             close = getattr(p, "close", None)
             if close:
                 close()
-            self._keep_loaded()  # sampling ran in inference mode and may have moved or re-made weights
         images = getattr(processed, "images", None) or []
         return images[0] if images else None
 

@@ -1,6 +1,8 @@
 """What the A1111-family WebUIs share and more than one adapter uses: A1111, reForge and Forge have the
 same ``processing`` caches; reForge and Forge (ComfyUI-style backends) build and merge weights under
 ``torch.inference_mode()``, cache LoRA files by name and keep models loaded through a memory manager."""
+import os
+
 import torch
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -16,6 +18,16 @@ def clear_prompt_cache(processing):
             cache = cls.__dict__.get(attr) if isinstance(cls, type) else None
             if isinstance(cache, list):
                 setattr(cls, attr, [None] * len(cache))
+
+
+def lora_prompt(prompt, lora):
+    """``prompt`` with ``<lora:<file stem>:<strength>>`` in front: how a user loads a LoRA file in
+    the WebUIs (which find it by name anywhere under their Lora folder)."""
+    if lora is None:
+        return prompt
+    path, strength = lora
+    stem = os.path.basename(path)[:-len(".safetensors")] if path.endswith(".safetensors") else os.path.basename(path)
+    return f"<lora:{stem}:{strength:g}> {prompt}"
 
 
 def forget_cached_loras(sd_model, networks):
