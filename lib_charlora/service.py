@@ -23,7 +23,7 @@ from .jobs import JobRunner
 # request field -> (TrainConfig field, type check)
 _NUMERIC = {"steps": int, "rank": int, "alpha": (int, float), "learning_rate": (int, float),
             "text_encoder_lr": (int, float), "resolution": int, "batch_size": int, "seed": int, "sample_every": int,
-            "save_every": int}
+            "save_every": int, "checkpoint_count": int}
 _BOOL = ("train_text_encoder", "overwrite", "keep_checkpoints")
 _FIELDS = {"name", "trigger", "images", "image_dir", "captions", "preset", *_NUMERIC, *_BOOL}
 _EVAL_FIELDS = {"lora", "trigger", "checkpoints", "prompts", "seeds", "strengths", "steps", "width", "height",
@@ -103,8 +103,13 @@ class TrainService:
         settings = self.settings()
         values = preset(body.get("preset", settings.get("default_preset", "balanced")), host.arch, host.prediction)
         for key in (*_NUMERIC, *_BOOL):
-            if key in body and key != "keep_checkpoints":
+            if key in body and key not in ("keep_checkpoints", "checkpoint_count"):
                 values["preview_every" if key == "sample_every" else key] = body[key]
+        count = body.get("checkpoint_count", 0)
+        if not 0 <= count <= 20:
+            raise ConfigError("checkpoint_count", f"must be from 0 to 20, got {count}")
+        if count and not body.get("save_every"):  # evenly spaced checkpoints to test and compare
+            values["save_every"] = max(1, -(-values["steps"] // (count + 1)))
         notes = []
         if not host.supports_text_encoder_training and values.get("train_text_encoder"):
             values["train_text_encoder"] = False

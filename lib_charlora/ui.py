@@ -10,6 +10,7 @@ import time
 
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
 from .engine.dataset import DatasetError, load_folder, load_uploads
 from .engine.errors import CharLoraError, ConfigError
@@ -112,6 +113,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             preview = gr.Image(label="Preview", interactive=False, elem_id="charlora_preview")
             result = gr.Textbox(label="LoRA", interactive=False, elem_id="charlora_result")
         send = gr.Button("Use in txt2img", elem_id="charlora_send")
+        test = _TestSection(service)
 
         def on_check(files_, folder_, resolution):
             try:
@@ -124,10 +126,12 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             table = [[im.name, im.caption or ""] for im in images] or [["", ""]]
             return _report_html(report), thumbs, table
 
-        def on_train(task_id, files_, folder_, table, name_, trigger_, preset_, use_adv, te, *adv_values):
+        def on_train(task_id, files_, folder_, table, name_, trigger_, preset_, auto_test, use_adv, te, *adv_values):
             body = {"name": (name_ or "").strip(), "preset": PRESET_LABELS.get(preset_, "balanced")}
             if (trigger_ or "").strip():
                 body["trigger"] = trigger_.strip()
+            if auto_test:  # keep a few checkpoints to compare in the test after training
+                body.update(keep_checkpoints=True, checkpoint_count=TEST_CHECKPOINTS)
             try:
                 if use_adv:
                     for (field, label, _, kind), value in zip(ADVANCED, adv_values):
@@ -182,14 +186,115 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
 
         _click(refresh, lambda: model_info(), [], [model_md])
         _click(check, on_check, [files, folder, adv[5]], [report_html, gallery, captions])
-        _click(train, on_train, [task_box, files, folder, captions, name, trigger, preset, use_advanced, train_te, *adv],
-               [job_state, status, preview, result, loss_plot], js="charloraStartTraining")
+        trained = _click(train, on_train, [task_box, files, folder, captions, name, trigger, preset, test.auto,
+                                           use_advanced, train_te, *adv],
+                         [job_state, status, preview, result, loss_plot], js="charloraStartTraining")
+        trained.then(fn=test.after_training, inputs=[job_state, test.auto, *test.settings], outputs=test.outputs)
         _click(autocaption, on_autocaption, [files, folder, captions, captioner, adv[5]], [captions, status])
         _click(stop_save, lambda j: on_stop(j, True), [job_state], [status])
         _click(cancel, lambda j: on_stop(j, False), [job_state], [status])
         _click(send, None, [result], [], js="charloraSendToTxt2img")
-        tab.charlora = {"train": on_train, "check": on_check, "stop": on_stop, "autocaption": on_autocaption}
+        tab.charlora = {"train": on_train, "check": on_check, "stop": on_stop, "autocaption": on_autocaption,
+                        "test": test.run, "after_training": test.after_training, "use": test.use}
     return tab
+
+
+TEST_CHECKPOINTS = 3  # intermediate checkpoints a training keeps for the test after it
+SCORE_HEADERS = ["checkpoint", "step", "strength", "identity", "identity lift", "prompt fidelity", "fidelity change"]
+
+
+class _TestSection:
+    """The "Test" section: grids and scores of a LoRA's checkpoints (an evaluation job), the pick, and
+    "Use this checkpoint" / "Send to txt2img"."""
+
+    def __init__(self, service):
+        from .engine.evaluate import DEFAULT_PROMPTS
+        self.service = service
+        settings = service.settings() if callable(getattr(service, "settings", None)) else {}
+        with gr.Accordion("Test", open=True):
+            with gr.Row():
+                self.lora = gr.Textbox(label="LoRA to test (default: the one just trained)", elem_id="charlora_test_lora")
+                self.auto = gr.Checkbox(label="Test automatically after training",
+                                        value=settings.get("test_after_training", True), elem_id="charlora_test_auto")
+            prompts = gr.Textbox(label="Prompts, one per line ({trigger} = the trigger word)", lines=6,
+                                 value="\n".join(DEFAULT_PROMPTS), elem_id="charlora_test_prompts")
+            with gr.Row():
+                strengths = gr.Textbox(label="Strengths", value="0.6, 0.8, 1.0", elem_id="charlora_test_strengths")
+                seeds = gr.Textbox(label="Seeds", value="1, 2", elem_id="charlora_test_seeds")
+                steps = gr.Number(label="Sampling steps", value=20, precision=0, elem_id="charlora_test_steps")
+            self.settings = [prompts, strengths, seeds, steps]
+            run = gr.Button("Test", elem_id="charlora_test")
+            self.state = gr.State(None)
+            status = gr.HTML(elem_id="charlora_test_status")
+            grids = gr.Gallery(label="One grid per checkpoint: first row without the LoRA, then one row per strength",
+                               columns=1, object_fit="contain", elem_id="charlora_test_grids")
+            scores = gr.Dataframe(headers=SCORE_HEADERS, interactive=False, label="Scores",
+                                  elem_id="charlora_test_scores")
+            best = gr.Textbox(label="Recommended", interactive=False, elem_id="charlora_test_best")
+            with gr.Row():
+                use = gr.Button("Use this checkpoint", elem_id="charlora_test_use")
+                send = gr.Button("Send to txt2img", elem_id="charlora_test_send")
+        self.outputs = [self.lora, status, grids, scores, best, self.state]
+        _click(run, self.run, [self.lora, *self.settings], self.outputs)
+        _click(use, self.use, [self.state], [status, best])
+        _click(send, None, [best], [], js="charloraSendToTxt2img")
+
+    def after_training(self, job_id, auto, *settings):
+        job = self.service.runner.get(job_id) if job_id else None
+        if not auto or job is None or job.status != "done" or not job.lora_path:
+            yield (gr.update(),) * 5 + (None,)
+            return
+        yield from self.run(job.lora_name, *settings)
+
+    def run(self, lora, prompts, strengths, seeds, steps):
+        lora = (lora or "").strip()
+        try:
+            body = {"lora": lora, "prompts": [p.strip() for p in (prompts or "").splitlines() if p.strip()],
+                    "strengths": _numbers(strengths, "strengths", float), "seeds": _numbers(seeds, "seeds", int),
+                    "steps": int(steps or 20)}
+            job = self.service.submit_evaluation(body)
+        except (CharLoraError, DatasetError) as e:
+            yield lora, f"<p class='charlora-error'>{html.escape(str(e))}</p>", [], None, "", None
+            return
+        while job.status in ("queued", "running"):
+            yield lora, _status_html(job), [], None, "", None
+            time.sleep(0.5)
+        result = job.result or {}
+        rows = [[s["checkpoint"], s["step"], s["strength"]] + [None if s[k] is None else round(s[k], 4) for k in
+                ("identity", "identity_lift", "prompt_fidelity", "prompt_fidelity_delta")]
+                for s in result.get("scores", [])]
+        best = result.get("best") or {}
+        trigger = result.get("trigger", "")
+        text = f"<lora:{best['checkpoint'][:-len('.safetensors')]}:{best['strength']:g}> {trigger}" if best else ""
+        grids = []  # pictures, not paths: gradio 4 refuses files outside its allowed folders
+        for path in result.get("grid_paths", []):
+            with Image.open(path) as im:
+                grids.append((im.copy(), os.path.basename(path)))
+        yield (lora, _status_html(job) + (f"<p>{html.escape(best.get('reason', ''))}</p>" if best else ""),
+               grids, rows or None, text.strip(), {"lora": lora, "best": best, "trigger": trigger})
+
+    def use(self, state):
+        best = (state or {}).get("best")
+        if not best:
+            return "<p class='charlora-error'>Test a LoRA first.</p>", ""
+        if best["checkpoint"] == state["lora"] + ".safetensors":
+            return ("<p>The recommended checkpoint is already the LoRA's file.</p>",
+                    f"<lora:{state['lora']}:{best['strength']:g}> {state['trigger']}".strip())
+        try:
+            out = self.service.promote({"lora": state["lora"], "checkpoint": best["checkpoint"],
+                                        "strength": best["strength"]})
+        except CharLoraError as e:
+            return f"<p class='charlora-error'>{html.escape(str(e))}</p>", ""
+        return (f"<p>{html.escape(out['lora'])} is now the checkpoint of step {html.escape(str(out['ss_steps']))} "
+                f"(the former file is kept as {html.escape(out['lora'])}_checkpoints/{html.escape(out['lora'])}"
+                f"-final.safetensors).</p>", f"<lora:{out['lora']}:{best['strength']:g}> {state['trigger']}".strip())
+
+
+def _numbers(text, field, kind):
+    try:
+        return [kind(x) for x in (text or "").replace(";", ",").split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(field, f"must be numbers separated by commas ({e})") from e
 
 
 def _loss_frame(job):

@@ -147,7 +147,8 @@ def test_webui_picks_the_adapter_by_the_running_webui(monkeypatch):
         modules.call_queue = NS(queue_lock=lock)
         modules.progress = NS()
         modules.shared = NS(state=NS(), cmd_opts=NS(lora_dir=os.getcwd()))
-        for name in ("sd_models", "call_queue", "progress", "shared"):
+        modules.paths = NS(data_path=os.getcwd())
+        for name in ("sd_models", "call_queue", "progress", "shared", "paths"):
             monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
         monkeypatch.setitem(sys.modules, "modules", modules)
         monkeypatch.setattr(webui, "_service", None)

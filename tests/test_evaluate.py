@@ -36,16 +36,22 @@ def tiny_clip():
     return ClipEmbedder(model, tok, name="CLIP (tiny)")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A Forge (double) with 'pip' trained for 4 steps, a checkpoint at step 2 kept."""
-    tmp = tmp_path_factory.mktemp("forge")
+def forge_service(tmp):
+    """A Forge (double) and a service over it that scores with a tiny CLIP."""
     webui = make_forge(tmp, "sd1")
     lock = threading.Lock()
     clip = tiny_clip()
     service = TrainService(lambda: ForgeHost.for_request(webui, lock), webui.lora_dir, lock=lock,
                            job_host_factory=lambda: ForgeHost.for_job(webui), outputs_dir=str(tmp / "outputs"),
                            embedder_factory=lambda: (clip, None))
+    return webui, service
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Forge (double) with 'pip' trained for 4 steps, a checkpoint at step 2 kept."""
+    tmp = tmp_path_factory.mktemp("forge")
+    webui, service = forge_service(tmp)
     job = service.submit({"name": "pip", "trigger": "pipchr", "images": PICS, "steps": 4, "save_every": 2,
                           "resolution": 64, "preset": "fast", "learning_rate": 2e-2, "keep_checkpoints": True})
     assert service.runner.wait(job.id, 300) and job.status == "done", job.error
@@ -194,3 +200,24 @@ def test_promote_is_atomic_and_takes_the_checkpoint(trained, tmp_path, monkeypat
     kept = os.path.join(webui.lora_dir, "pip_checkpoints", "pip-final.safetensors")
     assert open(kept, "rb").read() == old  # the former final file is kept beside the checkpoints
     assert "pip" in webui.networks.available_networks  # the Lora list was refreshed
+
+
+def test_the_tab_tests_a_lora_right_after_training(tmp_path):
+    """Train in the tab with "Test automatically after training" on: checkpoints are kept and tested."""
+    from lib_charlora import ui
+    webui, service = forge_service(tmp_path)
+    tab = ui.create_tab(service)
+    import base64
+    paths = []
+    for i, b64 in enumerate(PICS):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        open(paths[-1], "wb").write(base64.b64decode(b64))
+    adv = [d for _, _, d, _ in ui.ADVANCED]
+    adv[0], adv[5] = 4, 64  # steps, resolution
+    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", "Fast", True, True, False, *adv))
+    assert "<b>done</b>" in out[-1][1]
+    lora, status, grids, rows, best, state = list(tab.charlora["after_training"](out[-1][0], True, "{trigger}",
+                                                                                "1", "1", 2))[-1]
+    assert lora == "pip" and "<b>done</b>" in status
+    assert [g[1] for g in grids] == [f"pip-step00000{i}-grid.png" for i in (1, 2, 3)] + ["pip-grid.png"]
+    assert [r[1] for r in rows] == [1, 2, 3, 4] and best.startswith("<lora:pip") and best.endswith(" pipchr")

@@ -21,13 +21,39 @@ class StubService:
 
     def __init__(self):
         self.calls = []
-        self.runner = NS(stop=lambda job_id, save=True: None)
+        self.runner = NS(stop=lambda job_id, save=True: None, get=lambda job_id: None)
 
     def submit(self, body, files=None, task_id=None):
         self.calls.append((body, files, task_id))
         return NS(id="1", status="done", step=3, total_steps=3, loss=0.5, eta_seconds=0.0, error=None,
                   lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t")),
                   loss_history=[(1, 0.9), (3, 0.5)])
+
+
+class StubTestService(StubService):
+    """An evaluation that is already done, with two grids on disk and a pick."""
+
+    def __init__(self, tmp_path):
+        super().__init__()
+        from PIL import Image
+        self.grids = []
+        for i in range(2):
+            self.grids.append(str(tmp_path / f"g{i}.png"))
+            Image.new("RGB", (40 + i, 30), (i * 90, 10, 10)).save(self.grids[-1])
+        self.promoted = []
+
+    def submit_evaluation(self, body):
+        self.calls.append(body)
+        scores = [{"checkpoint": "pip-step000002.safetensors", "step": 2, "strength": 0.8, "identity": 0.51,
+                   "identity_lift": 0.1, "prompt_fidelity": 0.2, "prompt_fidelity_delta": -0.01}]
+        result = {"grid_paths": self.grids, "scores": scores, "trigger": "pipchr",
+                  "best": {"checkpoint": "pip-step000002.safetensors", "strength": 0.8, "reason": "highest lift"}}
+        return NS(id="e1", status="done", step=6, total_steps=6, loss=None, eta_seconds=None, error=None,
+                  lora_path=None, warnings=[], result=result)
+
+    def promote(self, body):
+        self.promoted.append(body)
+        return {"lora": body["lora"], "ss_steps": "2"}
 
 
 def _fns(blocks):
@@ -53,14 +79,14 @@ def test_tab_builds_and_is_wired(tmp_path):
     names = [getattr(f.fn, "__name__", None) for f in fns]
     assert "on_train" in names and "on_check" in names
     train = fns[names.index("on_train")]
-    assert len(train.inputs) == 9 + len(ui.ADVANCED) and len(train.outputs) == 5
+    assert len(train.inputs) == 10 + len(ui.ADVANCED) and len(train.outputs) == 5
     # the handler itself: uploads as gradio 4 passes them (paths) and as gradio 3 does (objects with .name)
     paths = _pictures(tmp_path)
     for files in (paths, [NS(name=p) for p in paths]):
         html, thumbs, table = tab.charlora["check"](files, "", 64)
         assert "<b>6</b> pictures accepted" in html and len(thumbs) == 6 and len(table) == 6
     out = list(tab.charlora["train"]("task(abc)", paths, "", [["pic0.png", "pipchr, smiling"]], "pip", "pipchr",
-                                     "Fast", False, True, *[d for _, _, d, _ in ui.ADVANCED]))
+                                     "Fast", False, False, True, *[d for _, _, d, _ in ui.ADVANCED]))
     body, files, task_id = service.calls[-1]
     assert task_id == "task(abc)"
     assert out[-1][4]["loss"].tolist() == [0.9, 0.5]
@@ -74,8 +100,28 @@ def test_tab_builds_and_is_wired(tmp_path):
     adv = [d for _, _, d, _ in ui.ADVANCED]
     adv[1] = None
     n = len(service.calls)
-    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", "Fast", True, True, *adv))
+    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", "Fast", False, True, True, *adv))
     assert len(out) == 1 and "rank: &#x27;Rank&#x27; is empty" in out[0][1] and len(service.calls) == n
+
+
+def test_test_section_shows_grids_scores_and_promotes_the_pick(tmp_path):
+    service = StubTestService(tmp_path)
+    tab = ui.create_tab(service)
+    out = list(tab.charlora["test"](" pip ", "portrait of {trigger}\n\n{trigger} in a city", "0.8, 1", "1;2", 8))
+    lora, status, grids, rows, best, state = out[-1]
+    assert service.calls[-1] == {"lora": "pip", "prompts": ["portrait of {trigger}", "{trigger} in a city"],
+                                 "strengths": [0.8, 1.0], "seeds": [1, 2], "steps": 8}
+    assert [g[0].size for g in grids] == [(40, 30), (41, 30)] and "highest lift" in status
+    assert rows == [["pip-step000002.safetensors", 2, 0.8, 0.51, 0.1, 0.2, -0.01]]
+    assert best == "<lora:pip-step000002:0.8> pipchr"
+    note, text = tab.charlora["use"](state)
+    assert service.promoted == [{"lora": "pip", "checkpoint": "pip-step000002.safetensors", "strength": 0.8}]
+    assert "step 2" in note and text == "<lora:pip:0.8> pipchr"
+    out = list(tab.charlora["test"]("pip", "x", "strong", "1", 8))  # a typo in a number: a message, no job
+    assert "strengths" in out[-1][1] and len(service.calls) == 1
+    assert "Test a LoRA first" in tab.charlora["use"](None)[0]
+    # after a training: only when it is on and the training ended with a file
+    assert list(tab.charlora["after_training"](None, True, "x", "1", "1", 8))[-1][-1] is None
 
 
 def test_under_gradio4():
@@ -91,7 +137,7 @@ def test_under_gradio4():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # what runs there: the tab (build, wiring, handlers, scripts entry) and the API routes on Forge's
     # fastapi / pydantic 2; the model-backed tab test is skipped there (no model libraries) and runs here
-    assert "8 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
+    assert "9 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
 
 
 def test_gradio_is_the_pinned_version():
@@ -114,15 +160,15 @@ def test_tab_trains_through_the_service(tmp_path):
     for verb in ("add_task_to_queue", "start_task", "finish_task"):
         setattr(tasks, verb, lambda t, verb=verb: tasks.log.append((verb, t)))
     service.tasks = tasks
-    out = list(tab.charlora["train"]("task(x1)", _pictures(tmp_path), "", None, "pip", "pipchr", "Fast", True, False,
-                                     *adv))
+    out = list(tab.charlora["train"]("task(x1)", _pictures(tmp_path), "", None, "pip", "pipchr", "Fast", False, True,
+                                     False, *adv))
     job_id, status, preview, text, plot = out[-1]
     assert tasks.log == [("add_task_to_queue", "task(x1)"), ("start_task", "task(x1)"), ("finish_task", "task(x1)")]
     assert list(plot["step"]) == [1, 3] and len(plot["loss"]) == 2  # the loss is read every log_every steps
     assert "<b>done</b>" in status and text == "<lora:pip:1> pipchr"
     assert preview and os.path.isfile(preview) and os.path.isfile(tmp_path / "Lora" / "pip.safetensors")
     # a bad name is refused in the tab before anything is queued
-    out = list(tab.charlora["train"]("", _pictures(tmp_path), "", None, "a/b", "", "Fast", False, False, *adv))
+    out = list(tab.charlora["train"]("", _pictures(tmp_path), "", None, "a/b", "", "Fast", False, False, False, *adv))
     assert len(out) == 1 and "path separator" in out[0][1]
     assert "No training is running" in tab.charlora["stop"](None, True)
 

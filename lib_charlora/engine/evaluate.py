@@ -193,11 +193,12 @@ class EvalResult:
     embedder: str = ""
     report_path: Optional[str] = None
     warnings: list = field(default_factory=list)
+    trigger: str = ""
 
     def to_dict(self):
         return {"status": self.status, "grid_paths": list(self.grid_paths), "scores": list(self.scores),
                 "best": self.best, "embedder": self.embedder, "report_path": self.report_path,
-                "warnings": list(self.warnings)}
+                "trigger": self.trigger, "warnings": list(self.warnings)}
 
 
 def pick_best(scores, margin=FIDELITY_MARGIN):
@@ -278,7 +279,7 @@ class Evaluator:
                                 for strength in cfg.strengths]
         except _Cancelled:
             return EvalResult("cancelled")
-        result = EvalResult("done")
+        result = EvalResult("done", trigger=trigger)
         labels = [f"{prompt_text(p, trigger)} · seed {s}" for p, s in columns]
         cell = (width, height) if max(width, height) <= 256 else (256, round(256 * height / width))
         for c in checkpoints:
