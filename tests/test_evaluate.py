@@ -221,3 +221,28 @@ def test_the_tab_tests_a_lora_right_after_training(tmp_path):
     assert lora == "pip" and "<b>done</b>" in status
     assert [g[1] for g in grids] == [f"pip-step00000{i}-grid.png" for i in (1, 2, 3)] + ["pip-grid.png"]
     assert [r[1] for r in rows] == [1, 2, 3, 4] and best.startswith("<lora:pip") and best.endswith(" pipchr")
+
+
+def test_a_face_embedder_replaces_clip_for_identity_when_it_finds_faces(trained, tmp_path, monkeypatch):
+    import lib_charlora.service as service_module
+    webui, _, _ = trained
+    clip = tiny_clip()
+
+    class FakeFaces:
+        name = "face (fake)"
+
+        def __init__(self, found):
+            self.found_pattern = found
+
+        def images(self, pictures):
+            self.found = [self.found_pattern] * len(pictures)
+            return torch.nn.functional.normalize(torch.ones(len(pictures), 4), dim=1)
+
+    for found, expected in ((True, "face (fake)"), (False, "CLIP (tiny)")):
+        monkeypatch.setattr(service_module, "load_face_embedder", lambda: FakeFaces(found))
+        service = TrainService(lambda: ForgeHost.for_job(webui), webui.lora_dir, outputs_dir=str(tmp_path),
+                               embedder_factory=lambda: (clip, None))
+        job = service.submit_evaluation(_eval_body(checkpoints="final", strengths=[1.0], prompts=["{trigger}"],
+                                                   images=PICS))
+        assert service.runner.wait(job.id, 120) and job.status == "done", job.error
+        assert job.result["embedder"] == expected
