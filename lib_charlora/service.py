@@ -205,7 +205,10 @@ class TrainService:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 2:
             raise ConfigError("strength", f"must be a number > 0 and <= 2, got {strength!r}")
         checkpoint = body.get("checkpoint")
-        by_file = {c.file: c for c in find_checkpoints(self.lora_dir, name) if not c.final}
+        by_file = {c.file: c.path for c in find_checkpoints(self.lora_dir, name) if not c.final}
+        trained = os.path.join(self.lora_dir, f"{name}_checkpoints", f"{name}-final.safetensors")
+        if os.path.isfile(trained):  # the trained file, kept by an earlier promote: promoting it undoes that
+            by_file[os.path.basename(trained)] = trained
         if checkpoint not in by_file:
             raise ConfigError("checkpoint", f"{checkpoint!r} is not an intermediate checkpoint of '{name}'; "
                                             f"available: {', '.join(by_file) or 'none'}")
@@ -213,7 +216,7 @@ class TrainService:
                 and j.status in ("queued", "running")]
         if busy:
             raise ConfigError("lora", f"a training of '{name}' is {busy[0].status}; promote when it has ended")
-        metadata = export.promote(self.lora_dir, name, by_file[checkpoint].path, strength,
+        metadata = export.promote(self.lora_dir, name, by_file[checkpoint], strength,
                                   note=f"promoted {checkpoint} at strength {strength:g}")
         notes = []
         try:

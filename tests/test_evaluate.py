@@ -128,7 +128,8 @@ def test_without_an_embedder_the_grid_is_still_made(trained, tmp_path):
                            embedder_factory=lambda: load_clip("no-such/model-offline"))
     job = service.submit_evaluation(_eval_body(checkpoints="final", strengths=[1.0], prompts=["{trigger}"]))
     assert service.runner.wait(job.id, 120) and job.status == "done", job.error
-    assert job.result["embedder"].startswith("unavailable: the CLIP model 'no-such/model-offline' could not")
+    assert job.result["embedder"].startswith("unavailable: the CLIP model 'no-such/model-offline' is not in the "
+                                             "Hugging Face cache")
     assert any("scores unavailable" in w for w in job.warnings) and len(job.result["grid_paths"]) == 1
     assert job.result["best"]["checkpoint"] == "pip.safetensors" and all(s["identity"] is None
                                                                           for s in job.result["scores"])
@@ -200,6 +201,16 @@ def test_promote_is_atomic_and_takes_the_checkpoint(trained, tmp_path, monkeypat
     kept = os.path.join(webui.lora_dir, "pip_checkpoints", "pip-final.safetensors")
     assert open(kept, "rb").read() == old  # the former final file is kept beside the checkpoints
     assert "pip" in webui.networks.available_networks  # the Lora list was refreshed
+    from lib_charlora.engine.evaluate import find_checkpoints
+    assert [c.file for c in find_checkpoints(webui.lora_dir, "pip")] == ["pip-step000002.safetensors"]  # not twice
+    # promoting another checkpoint keeps the trained file's copy; promoting that copy undoes the promote
+    service.promote({"lora": "pip", "checkpoint": "pip-step000002.safetensors"})
+    assert open(kept, "rb").read() == old
+    service.promote({"lora": "pip", "checkpoint": "pip-final.safetensors"})
+    a, b = safetensors.torch.load_file(final), safetensors.torch.load_file(kept)
+    assert all(torch.equal(a[k], b[k]) for k in a) and open(kept, "rb").read() == old
+    with safetensors.safe_open(final, "pt") as f:
+        assert f.metadata()["ss_steps"] == "4"
 
 
 def test_the_tab_tests_a_lora_right_after_training(tmp_path):

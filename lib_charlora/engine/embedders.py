@@ -75,6 +75,10 @@ def load_clip(model_id=DEFAULT_CLIP, device="cpu"):
         model = CLIPModel.from_pretrained(model_id).to(device)
         tokenizer = CLIPTokenizer.from_pretrained(model_id)
     except Exception as e:  # no network, no cache, a broken download, transformers missing
+        if isinstance(e, (OSError, ConnectionError)) or "Connection" in type(e).__name__:
+            return None, (f"unavailable: the CLIP model {model_id!r} is not in the Hugging Face cache and could not "
+                          f"be downloaded (offline?); it is downloaded once when the machine is online "
+                          f"({type(e).__name__}: {str(e)[:200]})")
         return None, f"unavailable: the CLIP model {model_id!r} could not be loaded ({type(e).__name__}: {e})"
     return ClipEmbedder(model, tokenizer, name=f"CLIP ({model_id})", device=device), None
 

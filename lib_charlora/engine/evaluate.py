@@ -136,8 +136,10 @@ def find_checkpoints(lora_dir, name):
     found.sort(key=lambda c: c.step)
     final = os.path.join(lora_dir, f"{name}.safetensors")
     if os.path.isfile(final):
-        steps = read_metadata(final).get("ss_steps", "")
-        found.append(Checkpoint(f"{name}.safetensors", final, int(steps) if steps.isdigit() else 0, final=True))
+        md = read_metadata(final)
+        if md.get("charlora_promoted_from") not in {c.file for c in found}:  # a promoted copy would be tested twice
+            steps = md.get("ss_steps", "")
+            found.append(Checkpoint(f"{name}.safetensors", final, int(steps) if steps.isdigit() else 0, final=True))
     return found
 
 

@@ -196,24 +196,30 @@ def write_lora(path, tensors, metadata, *, overwrite=False, preview=None, card=N
     return path
 
 
+def _metadata(path):
+    with safetensors.safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def promote(lora_dir, name, checkpoint_path, strength=1.0, note=""):
     """Make a checkpoint of LoRA ``name`` its ``<name>.safetensors``, atomically; -> the new metadata.
 
-    The current final file is first copied to ``<name>_checkpoints/<name>-final.safetensors``; then the
+    The trained final file is first copied to ``<name>_checkpoints/<name>-final.safetensors`` (once: a
+    later promote keeps that copy, and promoting it restores the trained file); then the
     checkpoint's tensors and metadata (plus where it came from and why) replace the final file through a
     temporary file, and the card's preferred weight becomes ``strength``. Whenever it stops, the final
     file is either the old one or the new one, never a part.
     """
     final = output_path(lora_dir, name)
     tensors = safetensors.torch.load_file(checkpoint_path)
-    with safetensors.safe_open(checkpoint_path, "pt") as f:
-        metadata = dict(f.metadata() or {})
+    metadata = _metadata(checkpoint_path)
     metadata.pop("sshs_model_hash", None)  # recomputed for the new file
     metadata["charlora_promoted_from"] = os.path.basename(checkpoint_path)
     if note:
         metadata["charlora_pick"] = note
-    if os.path.isfile(final):
-        keep = os.path.join(lora_dir, f"{name}_checkpoints", f"{name}-final.safetensors")
+    keep = os.path.join(lora_dir, f"{name}_checkpoints", f"{name}-final.safetensors")
+    with_promoted = os.path.isfile(final) and "charlora_promoted_from" in _metadata(final)
+    if os.path.isfile(final) and not (with_promoted and os.path.isfile(keep)):  # the trained file is kept once
         os.makedirs(os.path.dirname(keep), exist_ok=True)
         try:
             with open(final, "rb") as f:
