@@ -19,7 +19,7 @@ import torch
 
 from ..engine.errors import UnsupportedModelError
 from ..engine.host import Component, Host
-from .webui_common import clear_prompt_cache, lora_prompt
+from .webui_common import clear_prompt_cache, lora_prompt, txt2img
 
 
 def _unwrap(module):
@@ -164,20 +164,7 @@ class A1111Host(Host):
         return self._txt2img(lora_prompt(prompt, lora), seed, width, height, steps, sampler)
 
     def _txt2img(self, prompt, seed, width, height, steps, sampler):
-        p = self.processing.StableDiffusionProcessingTxt2Img(
-            sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
-            height=height, cfg_scale=7.0, sampler_name=sampler, scheduler="Automatic", batch_size=1, n_iter=1,
-            do_not_save_samples=True, do_not_save_grid=True)
-        if self.scripts is not None:  # no other extension's always-on scripts (reForge reads the runner unchecked)
-            p.scripts, p.script_args = self.scripts.ScriptRunner(), []
-        try:
-            processed = self.processing.process_images(p)
-        finally:
-            close = getattr(p, "close", None)
-            if close:
-                close()
-        images = getattr(processed, "images", None) or []
-        return images[0] if images else None
+        return txt2img(self.processing, self.sd_model, prompt, seed, width, height, steps, sampler, self.scripts)
 
     # -- session --------------------------------------------------------------------------------
     @contextlib.contextmanager

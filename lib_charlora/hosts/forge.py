@@ -31,7 +31,8 @@ import torch
 
 from ..engine.errors import UnsupportedModelError
 from ..engine.host import Component, Host
-from .webui_common import clear_prompt_cache, forget_cached_loras, lora_prompt, make_autograd_safe, unload
+from .webui_common import (clear_prompt_cache, forget_cached_loras, lora_prompt, make_autograd_safe, txt2img,
+                           unload)
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 NORMS = ("norm_in", "norm1", "norm2", "norm3")
@@ -204,19 +205,7 @@ class ForgeHost(Host):
         return self._txt2img(lora_prompt(prompt, lora), seed, width, height, steps, sampler)
 
     def _txt2img(self, prompt, seed, width, height, steps, sampler):
-        processing = self.webui.processing
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=self.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width,
-            height=height, cfg_scale=7.0, sampler_name=sampler, scheduler="Automatic", batch_size=1, n_iter=1,
-            do_not_save_samples=True, do_not_save_grid=True)
-        try:
-            processed = processing.process_images(p)
-        finally:
-            close = getattr(p, "close", None)
-            if close:
-                close()
-        images = getattr(processed, "images", None) or []
-        return images[0] if images else None
+        return txt2img(self.webui.processing, self.sd_model, prompt, seed, width, height, steps, sampler)
 
     # -- session --------------------------------------------------------------------------------
     def _training_patchers(self):

@@ -20,6 +20,26 @@ def clear_prompt_cache(processing):
                 setattr(cls, attr, [None] * len(cache))
 
 
+def txt2img(processing, sd_model, prompt, seed, width, height, steps, sampler, scripts=None):
+    """One picture through the WebUI's own txt2img processing (nothing saved). ``scripts``: the
+    WebUI's scripts module, for an empty script runner (no other extension's always-on scripts; reForge
+    reads the runner unchecked)."""
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=steps, width=width, height=height,
+        cfg_scale=7.0, sampler_name=sampler, scheduler="Automatic", batch_size=1, n_iter=1,
+        do_not_save_samples=True, do_not_save_grid=True)
+    if scripts is not None:
+        p.scripts, p.script_args = scripts.ScriptRunner(), []
+    try:
+        processed = processing.process_images(p)
+    finally:
+        close = getattr(p, "close", None)
+        if close:
+            close()
+    images = getattr(processed, "images", None) or []
+    return images[0] if images else None
+
+
 def lora_prompt(prompt, lora):
     """``prompt`` with ``<lora:<file stem>:<strength>>`` in front: how a user loads a LoRA file in
     the WebUIs (which find it by name anywhere under their Lora folder)."""
