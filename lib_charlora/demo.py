@@ -105,6 +105,7 @@ def run_demo(out_dir="charlora_demo", steps=300, images=12, overwrite=True, quie
     cfg = TrainConfig(name="demo_character", trigger=trigger, steps=steps, rank=8, alpha=8, learning_rate=1e-3,
                       text_encoder_lr=5e-4, train_text_encoder=True, batch_size=2, resolution=128,
                       scheduler="cosine", warmup_steps=min(20, steps - 1), min_snr_gamma=5.0, seed=1,
+                      save_every=steps // 3 if steps >= 3 else 0,  # checkpoints to compare afterwards
                       overwrite=overwrite, comment="Character LoRA embedded demo (random-weight model)")
     lora_dir = os.path.join(out_dir, "Lora")
     trainer = Trainer(host, cfg, pictures, lora_dir, progress=None if quiet else ProgressBar(), dataset_name="pip")
@@ -116,9 +117,10 @@ def run_demo(out_dir="charlora_demo", steps=300, images=12, overwrite=True, quie
     hist = result.loss_history
     first = sum(v for _, v in hist[:3]) / len(hist[:3])
     last = sum(v for _, v in hist[-3:]) / len(hist[-3:])
+    grids = test_checkpoints(host, lora_dir, os.path.join(out_dir, "tests"), quiet)
     report = {
         "path": result.path, "keys": result.num_keys, "steps": result.steps_done, "loss_start": first,
-        "loss_end": last, "seconds": time.perf_counter() - t0, "dataset": data_dir,
+        "loss_end": last, "seconds": time.perf_counter() - t0, "dataset": data_dir, "grids": grids,
     }
     if not quiet:
         stem = os.path.splitext(result.path)[0]
@@ -128,6 +130,26 @@ def run_demo(out_dir="charlora_demo", steps=300, images=12, overwrite=True, quie
               f"{os.path.getsize(result.path) / 1e6:.2f} MB, kohya format)")
         print(f"  card files: {stem}.preview.png, {stem}.json")
         print(f"  dataset:    {data_dir}")
+        print(f"  test grids: {', '.join(grids)}")
         print(f"Use it in a WebUI prompt as:  <lora:demo_character:1> {trigger}")
         print("(The demo model has random weights; on a real checkpoint the same run trains your character.)")
     return report
+
+
+def test_checkpoints(host, lora_dir, out_dir, quiet=False):
+    """Test and refine on the demo's checkpoints: every checkpoint drawn through the diffusers pipeline,
+    loading its file with diffusers' own LoRA loader, one grid each (first row without the LoRA). No
+    scores: the pictures of a random-weight model say nothing about identity."""
+    from .engine.evaluate import EvalConfig, Evaluator
+    cfg = EvalConfig(lora="demo_character", prompts=["close-up portrait photo of {trigger}",
+                                                     "full body photo of {trigger} standing",
+                                                     "watercolor painting of {trigger}"],
+                     seeds=[1], strengths=[0.6, 1.0], width=128, height=128, steps=8)
+    note = "not computed in the demo (a random-weight model); `evaluate` on a real checkpoint scores with CLIP"
+
+    def progress(done, total):
+        if not quiet and (done == total or done % 5 == 0):
+            print(f"\rTesting the checkpoints: picture {done}/{total}", end="\n" if done == total else "", flush=True)
+
+    result = Evaluator(host, cfg, lora_dir, out_dir, embedder_note=note, progress=progress).run()
+    return result.grid_paths

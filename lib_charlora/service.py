@@ -39,6 +39,7 @@ class TrainSpec:
     report: dict
     model: tuple = ()          # (arch, prediction) the request was validated for
     keep_checkpoints: bool = None   # None: the Settings' choice
+    resume_from: str = None    # a checkpoint's .state file to continue from (CLI --resume)
 
 
 @dataclass
@@ -66,7 +67,8 @@ class TrainService:
 
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
                  settings=None, tasks=None, job_host_factory=None, total_progress=None, outputs_dir=None,
-                 embedder_factory=None):
+                 embedder_factory=None, on_preview=None):
+        self.on_preview = on_preview  # (job, step, picture): the CLI saves every preview
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
         self.outputs_dir = outputs_dir or os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "charlora-tests")
         self.embedder_factory = embedder_factory  # () -> (embedder, None) or (None, "unavailable: ...")
@@ -281,13 +283,15 @@ class TrainService:
 
         def preview(step, image):
             job.preview = image
+            if self.on_preview is not None:
+                self.on_preview(job, step, image)
             if state is not None and hasattr(state, "assign_current_image"):
                 state.assign_current_image(image)  # the WebUI's live preview
 
         trainer = Trainer(host, spec.config, spec.images, job.output_dir, progress=progress, cancel=job.cancel,
                           on_preview=preview,
                           caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir)
-        result = trainer.run()
+        result = trainer.run(resume_from=spec.resume_from)
         keep = spec.keep_checkpoints if spec.keep_checkpoints is not None else self.settings().get("keep_checkpoints")
         if result.status == "done" and not keep:
             _remove_checkpoints(trainer.checkpoint_dir, spec.config.name)

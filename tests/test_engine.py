@@ -268,6 +268,13 @@ def test_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert os.path.isfile(tmp_path / "d" / "Lora" / "demo_character.safetensors")
     assert "Dataset: 5 pictures" in out and "<lora:demo_character:1>" in out
+    from PIL import Image
+    from lib_charlora.engine.grid import grid_size
+    grids = sorted(os.listdir(tmp_path / "d" / "tests"))  # steps 1, 2 and the final file, each tested
+    assert [g for g in grids if g.endswith("-grid.png")] == [
+        "demo_character-grid.png", "demo_character-step000001-grid.png", "demo_character-step000002-grid.png"]
+    with Image.open(tmp_path / "d" / "tests" / "demo_character-grid.png") as im:
+        assert im.size == grid_size(3, 3, (128, 128))  # baseline + 2 strengths, 3 prompts x 1 seed
     assert main(["demo", "--out", str(tmp_path / "e"), "--steps", "3", "--images", "4"]) == 2
     assert "only 4 usable pictures; at least 5 are needed" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e" / "Lora")

@@ -257,3 +257,64 @@ def test_a_face_embedder_replaces_clip_for_identity_when_it_finds_faces(trained,
                                                    images=PICS))
         assert service.runner.wait(job.id, 120) and job.status == "done", job.error
         assert job.result["embedder"] == expected
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_standalone_evaluation_loads_each_file_with_diffusers(tmp_path, arch):
+    """The diffusers host tests the file through diffusers' own ``load_lora_weights`` (every tensor loaded,
+    or the evaluation fails), once per file; the pictures change with the LoRA; afterwards the modules are
+    the same objects of the same types with bit-identical weights."""
+    from lib_charlora.demo import demo_dataset
+    from lib_charlora.engine import TrainConfig, Trainer
+    from lib_charlora.engine.evaluate import EvalConfig, Evaluator
+    from lib_charlora.tiny import tiny_host
+    import numpy as np
+    host = tiny_host("diffusers", arch)
+    cfg = TrainConfig(name="solo", trigger="pipchr", steps=4, rank=4, alpha=4, learning_rate=5e-2,
+                      train_text_encoder=True, text_encoder_lr=1e-2, resolution=64, save_every=2)
+    Trainer(host, cfg, demo_dataset(5, 64, "pipchr"), str(tmp_path / "Lora")).run()
+    before = snapshot(*host.all_modules())
+    types = [(n, type(m)) for m in host.all_modules() for n, m in m.named_modules()]
+    loads = []
+    import lib_charlora.hosts.standalone as standalone
+    real = standalone._load_lora
+
+    def counting(pipe, path):
+        loads.append(os.path.basename(path))
+        return real(pipe, path)
+
+    standalone._load_lora = counting
+    try:
+        result = Evaluator(host, EvalConfig(lora="solo", prompts=["photo of {trigger}", "{trigger} at sea"], seeds=[1],
+                                            strengths=[0.5, 1.0], width=64, height=64, steps=3),
+                           str(tmp_path / "Lora"), str(tmp_path / "out")).run()
+    finally:
+        standalone._load_lora = real
+    assert result.status == "done" and len(result.grid_paths) == 2
+    assert loads == ["solo-step000002.safetensors", "solo.safetensors"]
+    images = tmp_path / "out" / "images"
+    base = np.asarray(Image.open(images / "baseline-photo_of_trigger-1.png"), dtype=int)
+    full = np.asarray(Image.open(images / "solo-1-photo_of_trigger-1.png"), dtype=int)
+    assert np.abs(base - full).max() > 10
+    assert_unchanged(before, *host.all_modules())
+    assert [(n, type(m)) for m in host.all_modules() for n, m in m.named_modules()] == types
+
+
+def test_standalone_evaluation_refuses_a_file_diffusers_cannot_fully_load(tmp_path):
+    from lib_charlora.tiny import tiny_host
+    host = tiny_host("diffusers", "sd1")
+    bad = tmp_path / "bad.safetensors"
+    unet = host.unet.module
+    q = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    safetensors.torch.save_file({
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, q.in_features),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(q.out_features, 2),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_no_such.lora_down.weight": torch.zeros(2, 4),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_no_such.lora_up.weight": torch.zeros(4, 2),
+    }, str(bad))
+    before = snapshot(*host.all_modules())
+    with pytest.raises(Exception) as info:
+        host.generate("x", 1, 64, 64, 2, lora=(str(bad), 1.0))
+    assert "no_such" in str(info.value) or "did not load every tensor" in str(info.value)
+    assert host._loaded is None
+    assert_unchanged(before, *host.all_modules())

@@ -281,6 +281,8 @@ class Evaluator:
                                 for strength in cfg.strengths]
         except _Cancelled:
             return EvalResult("cancelled")
+        finally:
+            getattr(self.host, "release", lambda: None)()
         result = EvalResult("done", trigger=trigger)
         labels = [f"{prompt_text(p, trigger)} · seed {s}" for p, s in columns]
         cell = (width, height) if max(width, height) <= 256 else (256, round(256 * height / width))

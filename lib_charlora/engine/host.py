@@ -68,6 +68,9 @@ class Host:
         ``(path, strength)`` loaded the way users load it (not the trainer's hooks); None: no LoRA."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate pictures")
 
+    def release(self):
+        """Called when an evaluation ends: unload whatever ``generate`` kept loaded between pictures."""
+
     def latents_cached(self):
         """Called once every latent is cached (the VAE is not needed for training any more)."""
 

@@ -88,10 +88,85 @@ class _ClipVaeHost(Host):
                 "are not supported — load a normal (txt2img) checkpoint")
 
 
+SAMPLERS = {"Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler",
+            "DPM++ 2M": "DPMSolverMultistepScheduler", "DDIM": "DDIMScheduler"}
+EVAL_ADAPTER = "charlora_eval"
+
+
 class DiffusersHost(_ClipVaeHost):
-    """Over diffusers' ``UNet2DConditionModel`` (+ ``AutoencoderKL``)."""
+    """Over diffusers' ``UNet2DConditionModel`` (+ ``AutoencoderKL``). Pictures (previews, evaluation)
+    come from a diffusers pipeline over the same modules; evaluation loads the LoRA file with
+    diffusers' own ``load_lora_weights``, as a diffusers user would, and unloads it afterwards."""
 
     unet_scheme = "diffusers_unet"
+    pipeline = None   # set by the checkpoint loader; built from the modules on first use otherwise
+
+    def _pipe(self, sampler):
+        import diffusers
+        if sampler not in SAMPLERS:
+            raise UnsupportedModelError(f"unknown sampler {sampler!r}; the standalone samplers are "
+                                        f"{', '.join(SAMPLERS)}")
+        if self.pipeline is None:
+            (te, tok), *rest = [(c.module, t) for c, t in zip(self.text_encoders, self._tokenizers)]
+            if self.arch == "sdxl":
+                (te2, tok2), = rest
+                self.pipeline = diffusers.StableDiffusionXLPipeline(
+                    vae=self.vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                    unet=self.unet.module, scheduler=diffusers.EulerDiscreteScheduler(**_scheduler_config(self.prediction)))
+            else:
+                self.pipeline = diffusers.StableDiffusionPipeline(
+                    vae=self.vae, text_encoder=te, tokenizer=tok, unet=self.unet.module,
+                    scheduler=diffusers.EulerDiscreteScheduler(**_scheduler_config(self.prediction)), safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+        pipe = self.pipeline
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(
+            {**_scheduler_config(self.prediction), **({"timestep_spacing": "trailing"} if sampler != "DDIM" else {})})
+        return pipe
+
+    def _picture(self, prompt, seed, width, height, steps, sampler):
+        pipe = self._pipe(sampler)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        with torch.no_grad():
+            return pipe(prompt=prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=7.0,
+                        width=width, height=height, generator=generator).images[0]
+
+    def sample(self, prompt, seed, width, height, steps=20):
+        """A preview with the in-training LoRA (the trainer's hooks are active on the modules)."""
+        return self._picture(prompt, seed, width, height, steps, "Euler a")
+
+    def generate(self, prompt, seed, width, height, steps=20, sampler="Euler a", lora=None):
+        """The file stays loaded for the next picture of the same file (loading is the slow part);
+        ``release()`` (the evaluation calls it at the end) unloads it."""
+        if lora is None:
+            self.release()
+            return self._picture(prompt, seed, width, height, steps, sampler)
+        path, strength = lora
+        pipe = self._pipe(sampler)
+        if self._loaded != path:
+            self.release()
+            roots = (self.unet.module, *(c.module for c in self.text_encoders))
+            self._attrs = [(m, set(m.__dict__)) for m in roots]
+            self._grads = [(p, p.requires_grad) for m in roots for p in m.parameters()]  # peft freezes them
+            unmatched = _load_lora(pipe, path)
+            self._loaded = path
+            if unmatched:
+                self.release()
+                raise UnsupportedModelError(f"diffusers did not load every tensor of {path}: {unmatched}")
+        pipe.set_adapters([EVAL_ADAPTER], adapter_weights=[float(strength)])
+        return self._picture(prompt, seed, width, height, steps, sampler)
+
+    _loaded = None   # the LoRA file generate() has loaded
+
+    def release(self):
+        if self._loaded is not None:
+            self._loaded = None
+            self.pipeline.unload_lora_weights()
+            for module, keys in self._attrs:  # the loaders' bookkeeping flags, so the modules are as they were
+                for key in set(module.__dict__) - keys:
+                    delattr(module, key)
+            for p, flag in self._grads:
+                p.requires_grad_(flag)
 
     @property
     def in_channels(self):
@@ -103,6 +178,39 @@ class DiffusersHost(_ClipVaeHost):
             added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
         return self.unet.module(noisy, timesteps, encoder_hidden_states=cond["context"],
                                 added_cond_kwargs=added).sample
+
+
+def _scheduler_config(prediction):
+    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "prediction_type": "v_prediction" if prediction == "v" else "epsilon", "steps_offset": 1}
+
+
+def _load_lora(pipe, path):
+    """``pipe.load_lora_weights(path)``; returns what diffusers' logger reported as not loaded ("" if all)."""
+    import logging
+    messages = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if "unexpected" in text.lower() or "not found" in text.lower() or "missing" in text.lower():
+                messages.append(text[:300])
+
+    handler = Catch(logging.WARNING)
+    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
+    try:  # transformers draws a bar per text-encoder load otherwise
+        from transformers.utils import logging as tf_logging
+        tf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        pipe.load_lora_weights(path, adapter_name=EVAL_ADAPTER)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    return "; ".join(messages)
 
 
 class LdmHost(_ClipVaeHost):
