@@ -6,6 +6,7 @@ Exit codes: 0 done (also when stopped with Ctrl-C and saved), 2 bad input (the m
 flag), 1 failure.
 """
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -43,8 +44,8 @@ def _bad_input(e):
     return str(e)
 
 
-def _add_model_args(p):
-    p.add_argument("--checkpoint", required=True,
+def _add_model_args(p, required=True):
+    p.add_argument("--checkpoint", required=required,
                    help="a single-file SD1.x / SD2.x / SDXL checkpoint (.safetensors) or a diffusers folder")
     p.add_argument("--config", help="the checkpoint's original .yaml (default: <checkpoint>.yaml when present)")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the detected prediction type")
@@ -93,6 +94,10 @@ def build_parser():
     ev.add_argument("--images", help="training pictures for the identity score (default: those kept at training)")
     ev.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
                     help="CLIP model for the scores (Hugging Face name or folder; default: %(default)s)")
+
+    cast = sub.add_parser("cast", help="train (and test) every character of a cast file, one after another")
+    cast.add_argument("cast", help="the cast file (TOML)")
+    _add_model_args(cast, required=False)
     return parser
 
 
@@ -103,7 +108,7 @@ def main(argv=None):
             from .demo import run_demo
             run_demo(args.out, steps=args.steps, images=args.images)
             return 0
-        return (train if args.command == "train" else evaluate)(args)
+        return {"train": train, "evaluate": evaluate, "cast": cast_command}[args.command](args)
     except CharLoraError as e:
         print(f"error: {_bad_input(e)}", file=sys.stderr)
         return 2
@@ -188,7 +193,7 @@ def run_job(service, job, reporter, what):
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     reporter.progress(what, job.step, job.total_steps, job.loss, job.eta_seconds)
-    return job
+    return len(presses)
 
 
 def _main_thread():
@@ -308,3 +313,146 @@ def evaluate(args):
 
 def _num(value):
     return "-" if value is None else f"{value:.3f}"
+
+
+# -- cast -----------------------------------------------------------------------------------------------
+def cast_command(args):
+    """Exit code: 0 every character done, 1 some failed or the cast was stopped, 2 bad input."""
+    from . import cast as casts
+    from .service import TrainService
+    try:
+        cast = casts.read_cast(args.cast, args.checkpoint)
+    except ConfigError as e:
+        if e.field != "cast":
+            raise
+        raise CharLoraError(f"{args.cast}: {str(e).split(': ', 1)[1]}") from e
+    reporter = Reporter(args.json)
+    args.checkpoint = cast.checkpoint
+    host = load_host(args)
+
+    def save_preview(job, step, image):
+        folder = os.path.join(cast.out, f"{job.name}_samples")
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"{job.name}-step{step:06d}.png"))
+
+    os.makedirs(cast.out, exist_ok=True)
+    service = TrainService(lambda: host, cast.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True})
+    units = [(c.name, [c]) for c in cast.characters] if cast.mode == "separate" else [(cast.name, cast.characters)]
+    bodies = {}
+    for name, members in units:  # every character's options checked before anything is trained
+        body = {**cast.defaults, **members[0].options} if cast.mode == "separate" else dict(cast.defaults)
+        body.update(name=name, trigger=members[0].trigger if cast.mode == "separate" else name)
+        if cast.test and not body.get("save_every") and "checkpoint_count" not in body:
+            body["checkpoint_count"] = 3  # checkpoints for the test to compare
+        try:
+            service.parse({**body, "overwrite": True}, intake=lambda r: ([], {"warnings": []}))
+        except ConfigError as e:
+            raise CharLoraError(f"{args.cast}: {name}: {e}") from e
+        bodies[name] = body
+    state = casts.read_state(cast)
+    state.update(cast=os.path.basename(cast.path), mode=cast.mode, checkpoint=cast.checkpoint)
+    failed, stopped = 0, False
+    for name, members in units:
+        rec = state["characters"].get(name) or {}
+        body = dict(bodies[name])
+        final = os.path.join(cast.out, name + ".safetensors")
+        if rec.get("status") == "done" and os.path.isfile(final) and not body.get("overwrite"):
+            reporter.line(f"{name}: done earlier ({rec.get('finished', '')}), skipped")
+            continue
+        if os.path.isfile(final) and not body.get("overwrite") and rec.get("status") not in ("running", "stopped"):
+            rec = {"status": "failed", "error": f"{final} exists and was not made by this cast: delete it or set "
+                                                "overwrite = true"}
+            state["characters"][name] = rec
+            casts.write_state(cast, state)
+            reporter.line(f"{name}: {rec['error']}")
+            failed += 1
+            continue
+        resume = casts.latest_state_file(cast.out, name) if rec.get("status") in ("running", "stopped", "failed") else None
+        if resume and os.path.isfile(final):
+            body["overwrite"] = True  # the partial file of the interrupted run is replaced
+        reporter.line(f"== {name}" + (f": resuming from {os.path.basename(resume)}" if resume else ""), character=name)
+        state["characters"][name] = rec = {"status": "running", "started": casts.now()}
+        casts.write_state(cast, state)
+        try:
+            intake = casts.shared_intake(members) if cast.mode == "shared" else None
+            if intake is None:
+                body["image_dir"] = members[0].images
+            spec = service.parse(body, intake=intake)
+        except CharLoraError as e:
+            rec.update(status="failed", error=_bad_input(e))
+            casts.write_state(cast, state)
+            reporter.line(f"{name}: failed: {rec['error']}")
+            failed += 1
+            continue
+        if cast.mode == "shared":
+            triggers = {c.name: c.trigger for c in members}
+            spec.config = dataclasses.replace(spec.config, trigger="", extra_metadata={
+                **spec.config.extra_metadata, "modelspec.trigger_phrase": ", ".join(triggers.values()),
+                "charlora_cast_triggers": json.dumps(triggers)}).validate()
+        spec.resume_from = resume
+        job = service.runner.submit(name, spec, output_dir=service.lora_dir)
+        job.total_steps = spec.config.steps
+        presses = run_job(service, job, reporter, "step")
+        warnings = [w for w in job.warnings if not (cast.mode == "shared" and w.startswith("no trigger word"))]
+        for w in warnings:
+            reporter.line(f"{name}: warning: {w}")
+        if job.status != "done" or not job.lora_path:
+            rec.update(status="failed" if job.status == "failed" else "stopped", error=job.error)
+            casts.write_state(cast, state)
+            reporter.line(f"{name}: {rec['status']}" + (f": {job.error}" if job.error else ""))
+            if presses:
+                stopped = True
+                break
+            failed += 1
+            continue
+        rec.update(status="stopped" if presses else "done", path=job.lora_path, steps=job.step,
+                   loss=job.loss, finished=casts.now(), warnings=warnings)
+        casts.write_state(cast, state)
+        if presses:
+            stopped = True
+            reporter.line(f"{name}: stopped at step {job.step} and saved; run the cast again to resume it")
+            break
+        reporter.line(f"{name}: saved {job.lora_path}")
+        if cast.test and not _test_unit(service, cast, name, members, state, reporter):
+            stopped = True
+            break
+    state["summary"] = casts.summary_table(cast, state)
+    casts.write_state(cast, state)
+    reporter.line("\n" + state["summary"])
+    reporter.emit(event="end", status="stopped" if stopped else ("failed" if failed else "done"),
+                  state=cast.state_path)
+    if stopped:
+        reporter.line("Stopped. Run the cast again to continue where it stopped.")
+    return 1 if failed or stopped else 0
+
+
+def _test_unit(service, cast, name, members, state, reporter):
+    """Evaluate a finished LoRA (per character in a shared LoRA); False when stopped with Ctrl-C."""
+    from . import cast as casts
+    for c in members:
+        key = name if cast.mode == "separate" else f"{name}:{c.name}"
+        body = {"lora": name, **cast.test}
+        if cast.mode == "shared":
+            body.update(trigger=c.trigger, image_dir=c.images)
+        rec = state["characters"].setdefault(key, {})
+        try:
+            job = service.submit_evaluation(body)
+        except CharLoraError as e:
+            rec["test_error"] = str(e)
+            reporter.line(f"{key}: test not run: {e}")
+            continue
+        reporter.line(f"{key}: testing {job.total_steps} pictures")
+        presses = run_job(service, job, reporter, "picture")
+        if presses:
+            return False
+        result = job.result or {}
+        best = result.get("best")
+        if best:
+            row = next((r for r in result.get("scores", []) if r["checkpoint"] == best["checkpoint"]
+                        and r["strength"] == best["strength"]), {})
+            best = {**best, "identity_lift": row.get("identity_lift"), "prompt_fidelity_delta":
+                    row.get("prompt_fidelity_delta")}
+        rec.update(grids=result.get("grid_paths", []), report=result.get("report_path"), best=best,
+                   embedder=result.get("embedder"), test_error=job.error)
+        casts.write_state(cast, state)
+    return True

@@ -81,10 +81,11 @@ class TrainService:
         self.runner = JobRunner(self._run, lock)
 
     # -- requests ----------------------------------------------------------------------------------
-    def parse(self, body, files=None):
+    def parse(self, body, files=None, intake=None):
         """JSON body -> TrainSpec, or ConfigError / DatasetError naming the problem.
 
-        ``files`` ([(name, bytes, caption)]) replaces ``images`` / ``image_dir`` (the WebUI tab's uploads).
+        ``files`` ([(name, bytes, caption)]) replaces ``images`` / ``image_dir`` (the WebUI tab's uploads);
+        ``intake(resolution) -> (images, report dict)`` replaces both (a cast's shared LoRA).
         """
         if not isinstance(body, dict):
             raise ConfigError("body", "must be a JSON object")
@@ -119,7 +120,9 @@ class TrainService:
         cfg = TrainConfig(name=name, trigger=trigger.strip(), **values).validate()
         if os.path.exists(os.path.join(self.lora_dir, name + ".safetensors")) and not cfg.overwrite:
             raise ConfigError("name", f"a LoRA named '{name}' already exists; choose another name or set overwrite")
-        if files is not None:
+        if intake is not None:
+            images, report = intake(cfg.resolution)
+        elif files is not None:
             if body.get("images") is not None or body.get("image_dir") is not None:
                 raise ConfigError("images", "give either uploaded pictures or a folder, not both")
             images, report = _usable(*load_uploads(files, cfg.resolution))

@@ -193,7 +193,7 @@ def _load_lora(pipe, path):
     class Catch(logging.Handler):
         def emit(self, record):
             text = record.getMessage()
-            if "unexpected" in text.lower() or "not found" in text.lower() or "missing" in text.lower():
+            if any(marker in text for marker in ("unexpected keys", "missing keys", "were not used")):
                 messages.append(text[:300])
 
     handler = Catch(logging.WARNING)
