@@ -8,8 +8,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -c constraints.txt -r requirements-dev.txt
 # ldm (the Stability-AI code A1111 runs for SD1/SD2), without its heavy pinned dependencies.
 .venv/bin/python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
-# CLIP's tokenizer vocabulary for loading checkpoint files offline (only its data file is read).
-.venv/bin/python -m pip install -q --no-deps open_clip_torch==3.3.0
+# The project with its "standalone" extra (the command line: diffusers, peft, accelerate, CLIP's vocabulary).
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[standalone]"
 .venv/bin/python -c "import torch, diffusers, peft, ldm, gradio; print('environment ready: torch', torch.__version__, 'gradio', gradio.__version__)"
 # A second environment with Forge's gradio 4.40.0 for the tab tests (gradio 3 and 4 cannot share one).
 [ -x .venv-gradio4/bin/python ] || "$PY" -m venv .venv-gradio4

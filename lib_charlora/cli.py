@@ -102,36 +102,52 @@ def build_parser():
 
 
 def main(argv=None):
+    from .distributed import AccelerateParallel, launched
     args = build_parser().parse_args(argv)
+    args.parallel = AccelerateParallel() if args.command in ("train", "cast", "evaluate") and launched() else None
+    quiet = args.parallel is not None and not args.parallel.is_main  # one process prints
     try:
         if args.command == "demo":
             from .demo import run_demo
             run_demo(args.out, steps=args.steps, images=args.images)
             return 0
+        if args.command == "evaluate" and args.parallel is not None:
+            raise CharLoraError("evaluate runs in one process: start it without accelerate launch")
         return {"train": train, "evaluate": evaluate, "cast": cast_command}[args.command](args)
     except CharLoraError as e:
-        print(f"error: {_bad_input(e)}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {_bad_input(e)}", file=sys.stderr)
         return 2
 
 
 # -- shared ---------------------------------------------------------------------------------------------
+def _quiet(args):
+    return args.parallel is not None and not args.parallel.is_main
+
+
+def _reporter(args):
+    return Reporter(args.json, open(os.devnull, "w") if _quiet(args) else None)
+
+
 def load_host(args):
     import torch
     from .hosts.checkpoint_file import load_host as load
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default = str(args.parallel.device) if args.parallel is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default
     try:
         torch.device(device)
     except RuntimeError as e:
         raise ConfigError("device", str(e)) from e
     precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if not args.json:
+    if not args.json and not _quiet(args):
         print(f"Loading {args.checkpoint} ...", file=sys.stderr, flush=True)
     host = load(args.checkpoint, config=args.config, prediction=args.prediction, device=device, dtype=dtype,
                 allow_pickle=args.allow_pickle)
-    if not args.json:
+    if not args.json and not _quiet(args):
         kind = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[host.arch] + (" v-prediction" if host.prediction == "v" else "")
-        print(f"Loaded a {kind} model on {device} ({precision})", file=sys.stderr, flush=True)
+        where = f", {args.parallel.world} processes" if args.parallel is not None else ""
+        print(f"Loaded a {kind} model on {device} ({precision}{where})", file=sys.stderr, flush=True)
     return host
 
 
@@ -185,10 +201,14 @@ def run_job(service, job, reporter, what):
                       else "Stopping: discarding ...")
 
     previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    finishing = False
     try:
         while not service.runner.wait(job.id, timeout=0.5):
             if job.status == "running":
                 reporter.progress(what, job.step, job.total_steps, job.loss, job.eta_seconds)
+                if what == "step" and job.total_steps and job.step >= job.total_steps and not finishing:
+                    finishing = True  # the card's preview is drawn with the full sampler: minutes on a CPU
+                    reporter.line("Training done: drawing the preview picture and writing the file ...")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -205,11 +225,12 @@ def _main_thread():
 def train(args):
     from .engine.dataset import DatasetError
     from .service import TrainService
-    reporter = Reporter(args.json)
+    reporter = _reporter(args)
     if not os.path.isdir(args.images):
         raise ConfigError("image_dir", f"no such folder: {args.images}")
     if args.resume and not os.path.isfile(args.resume):
         raise ConfigError("resume", f"no such file: {args.resume}")
+    _writable(args.out)
     host = load_host(args)
     body = {"name": args.name, "image_dir": args.images, "preset": args.preset}
     if args.trigger is not None:
@@ -224,13 +245,13 @@ def train(args):
         image.save(os.path.join(samples, f"{args.name}-step{step:06d}.png"))
         reporter.line(f"preview at step {step}: {samples}", step=step)
 
-    os.makedirs(args.out, exist_ok=True)
-    service = TrainService(lambda: host, args.out, on_preview=save_preview,
-                           settings=lambda: {"keep_checkpoints": True})
+    service = TrainService(lambda: host, args.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True},
+                           **_parallel_options(args, args.out))
     try:
         spec = service.parse(body)
     except DatasetError as e:
         raise ConfigError("image_dir", str(e)) from e
+    _check_batch(args, spec.config)
     spec.resume_from = args.resume
     if args.resume and not spec.config.overwrite and os.path.exists(os.path.join(args.out, args.name + ".safetensors")):
         raise ConfigError("resume", f"{args.name}.safetensors exists already")
@@ -252,6 +273,8 @@ def train(args):
         reporter.line(f"error: {job.error}")
         reporter.emit(event="end", status="failed", error=job.error)
         return 1
+    if job.status == "done" and _quiet(args):
+        return 0
     if job.lora_path:
         stem = os.path.splitext(job.lora_path)[0]
         reporter.line(f"Saved {job.lora_path} (+ {os.path.basename(stem)}.preview.png, .json) at step {job.step}.\n"
@@ -266,7 +289,7 @@ def train(args):
 # -- evaluate -------------------------------------------------------------------------------------------
 def evaluate(args):
     from .service import TrainService
-    reporter = Reporter(args.json)
+    reporter = _reporter(args)
     body = {"lora": args.lora}
     if args.checkpoints not in ("all", "final"):
         body["checkpoints"] = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
@@ -326,8 +349,10 @@ def cast_command(args):
         if e.field != "cast":
             raise
         raise CharLoraError(f"{args.cast}: {str(e).split(': ', 1)[1]}") from e
-    reporter = Reporter(args.json)
+    reporter = _reporter(args)
+    main = not _quiet(args)
     args.checkpoint = cast.checkpoint
+    _writable(cast.out)
     host = load_host(args)
 
     def save_preview(job, step, image):
@@ -335,8 +360,15 @@ def cast_command(args):
         os.makedirs(folder, exist_ok=True)
         image.save(os.path.join(folder, f"{job.name}-step{step:06d}.png"))
 
-    os.makedirs(cast.out, exist_ok=True)
-    service = TrainService(lambda: host, cast.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True})
+    service = TrainService(lambda: host, cast.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True},
+                           **_parallel_options(args, cast.out))
+
+    def save():
+        if main:
+            casts.write_state(cast, state)
+
+    if cast.test and args.parallel is not None:
+        reporter.line("the cast's tests are skipped under accelerate launch: run evaluate afterwards")
     units = [(c.name, [c]) for c in cast.characters] if cast.mode == "separate" else [(cast.name, cast.characters)]
     bodies = {}
     for name, members in units:  # every character's options checked before anything is trained
@@ -350,6 +382,8 @@ def cast_command(args):
             raise CharLoraError(f"{args.cast}: {name}: {e}") from e
         bodies[name] = body
     state = casts.read_state(cast)
+    if args.parallel is not None:
+        args.parallel.barrier()  # every process has read the state before the first one writes it
     state.update(cast=os.path.basename(cast.path), mode=cast.mode, checkpoint=cast.checkpoint)
     failed, stopped = 0, False
     for name, members in units:
@@ -363,7 +397,7 @@ def cast_command(args):
             rec = {"status": "failed", "error": f"{final} exists and was not made by this cast: delete it or set "
                                                 "overwrite = true"}
             state["characters"][name] = rec
-            casts.write_state(cast, state)
+            save()
             reporter.line(f"{name}: {rec['error']}")
             failed += 1
             continue
@@ -372,15 +406,16 @@ def cast_command(args):
             body["overwrite"] = True  # the partial file of the interrupted run is replaced
         reporter.line(f"== {name}" + (f": resuming from {os.path.basename(resume)}" if resume else ""), character=name)
         state["characters"][name] = rec = {"status": "running", "started": casts.now()}
-        casts.write_state(cast, state)
+        save()
         try:
             intake = casts.shared_intake(members) if cast.mode == "shared" else None
             if intake is None:
                 body["image_dir"] = members[0].images
             spec = service.parse(body, intake=intake)
+            _check_batch(args, spec.config)
         except CharLoraError as e:
             rec.update(status="failed", error=_bad_input(e))
-            casts.write_state(cast, state)
+            save()
             reporter.line(f"{name}: failed: {rec['error']}")
             failed += 1
             continue
@@ -396,9 +431,9 @@ def cast_command(args):
         warnings = [w for w in job.warnings if not (cast.mode == "shared" and w.startswith("no trigger word"))]
         for w in warnings:
             reporter.line(f"{name}: warning: {w}")
-        if job.status != "done" or not job.lora_path:
+        if job.status != "done" or not (job.lora_path or not main):
             rec.update(status="failed" if job.status == "failed" else "stopped", error=job.error)
-            casts.write_state(cast, state)
+            save()
             reporter.line(f"{name}: {rec['status']}" + (f": {job.error}" if job.error else ""))
             if presses:
                 stopped = True
@@ -407,17 +442,17 @@ def cast_command(args):
             continue
         rec.update(status="stopped" if presses else "done", path=job.lora_path, steps=job.step,
                    loss=job.loss, finished=casts.now(), warnings=warnings)
-        casts.write_state(cast, state)
+        save()
         if presses:
             stopped = True
             reporter.line(f"{name}: stopped at step {job.step} and saved; run the cast again to resume it")
             break
         reporter.line(f"{name}: saved {job.lora_path}")
-        if cast.test and not _test_unit(service, cast, name, members, state, reporter):
+        if cast.test and args.parallel is None and not _test_unit(service, cast, name, members, state, reporter):
             stopped = True
             break
     state["summary"] = casts.summary_table(cast, state)
-    casts.write_state(cast, state)
+    save()
     reporter.line("\n" + state["summary"])
     reporter.emit(event="end", status="stopped" if stopped else ("failed" if failed else "done"),
                   state=cast.state_path)
@@ -456,3 +491,29 @@ def _test_unit(service, cast, name, members, state, reporter):
                    embedder=result.get("embedder"), test_error=job.error)
         casts.write_state(cast, state)
     return True
+
+
+def _writable(folder):
+    """The output folder exists (created) and takes files — checked before a model is loaded."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".charlora-write-test-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError("out", f"cannot write to {folder} ({e.strerror or e})") from e
+
+
+def _parallel_options(args, out):
+    """Under accelerate launch: the trainer's data-parallel interface and a disk latent cache, so one
+    process per machine encodes the pictures and the others read them."""
+    if args.parallel is None:
+        return {}
+    return {"parallel": args.parallel, "latent_cache_dir": os.path.join(out, ".charlora-latents")}
+
+
+def _check_batch(args, cfg):
+    if args.parallel is not None and cfg.batch_size < args.parallel.world:
+        raise ConfigError("batch_size", f"is the global batch, shared by the {args.parallel.world} processes: "
+                                        f"it must be at least {args.parallel.world}, got {cfg.batch_size}")

@@ -67,8 +67,9 @@ class TrainService:
 
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
                  settings=None, tasks=None, job_host_factory=None, total_progress=None, outputs_dir=None,
-                 embedder_factory=None, on_preview=None):
+                 embedder_factory=None, on_preview=None, parallel=None):
         self.on_preview = on_preview  # (job, step, picture): the CLI saves every preview
+        self.parallel = parallel      # several processes (accelerate): one writes files
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
         self.outputs_dir = outputs_dir or os.path.join(os.path.dirname(os.path.abspath(lora_dir)), "charlora-tests")
         self.embedder_factory = embedder_factory  # () -> (embedder, None) or (None, "unavailable: ...")
@@ -293,8 +294,11 @@ class TrainService:
 
         trainer = Trainer(host, spec.config, spec.images, job.output_dir, progress=progress, cancel=job.cancel,
                           on_preview=preview,
-                          caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir)
+                          caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir,
+                          parallel=self.parallel)
         result = trainer.run(resume_from=spec.resume_from)
+        if self.parallel is not None and not self.parallel.is_main:
+            return result
         keep = spec.keep_checkpoints if spec.keep_checkpoints is not None else self.settings().get("keep_checkpoints")
         if result.status == "done" and not keep:
             _remove_checkpoints(trainer.checkpoint_dir, spec.config.name)

@@ -13,9 +13,7 @@ from checkpoint_files import write_checkpoint
 from lib_charlora import cli
 from lib_charlora.demo import demo_dataset
 from lib_charlora.engine.evaluate import read_metadata
-from lib_charlora.hosts.checkpoint_file import clip_bpe_file
 
-pytestmark = pytest.mark.skipif(clip_bpe_file() is None, reason="open_clip_torch (CLIP vocabulary) not installed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEST = """

@@ -14,7 +14,6 @@ from lib_charlora.engine.errors import UnsupportedModelError
 from lib_charlora.hosts import checkpoint_file as cf
 from lib_charlora.hosts.standalone import fourier_embedding
 
-pytestmark = pytest.mark.skipif(cf.clip_bpe_file() is None, reason="open_clip_torch (CLIP vocabulary) not installed")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
 from . import captions as cap
 from . import trainset
+from .parallel import SINGLE
 from .errors import CharLoraError, ConfigError
 from .lora import LoRANetwork
 from .optim import choose_precision, make_optimizer, make_scheduler, require_optimizer
@@ -81,8 +82,10 @@ def diffusion_loss(pred, x0, noise, alphas, prediction, min_snr_gamma):
 class Trainer:
     def __init__(self, host, config: TrainConfig, images, output_dir, checkpoint_dir=None,
                  progress: Optional[Callable[[Progress], None]] = None, cancel: Optional[CancelToken] = None,
-                 dataset_name="images", caption_provider=None, latent_cache_dir=None, on_preview=None):
+                 dataset_name="images", caption_provider=None, latent_cache_dir=None, on_preview=None,
+                 parallel=None):
         self.host, self.cfg = host, config
+        self.parallel = parallel or SINGLE   # data parallel: a share of every batch per process
         self.images = list(images)
         self.caption_provider = caption_provider
         self.latent_cache_dir = latent_cache_dir
@@ -119,7 +122,7 @@ class Trainer:
         with torch.random.fork_rng(devices=fork_devices), host.session(cfg.train_text_encoder):
             torch.manual_seed(cfg.seed)
             result = self._train(state)
-        if self._final is not None:  # written once the host's model is restored: a failed restore writes nothing
+        if self._final is not None and self.parallel.is_main:  # once the model is restored (a failed restore writes nothing)
             tensors, preview = self._final
             result.metadata = self._metadata(result.steps_done)
             result.path = export.write_lora(self.out_path, tensors, result.metadata, overwrite=cfg.overwrite,
@@ -140,9 +143,16 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed)
         self.cache = trainset.LatentCache(host, self.latent_cache_dir) if not cfg.random_crop else None
         if self.cache is not None:
-            for i, smp in enumerate(self.samples):
-                for flip in ((False, True) if cfg.flip else (False,)):
-                    self.cache.get(i, smp, flip)
+            par = self.parallel
+            # with a disk cache one process per machine encodes, the others read (same seed: same latents)
+            turns = (True, False) if self.latent_cache_dir and par.world > 1 else (None,)
+            for turn in turns:
+                if turn is None or turn == par.is_local_main:
+                    for i, smp in enumerate(self.samples):
+                        for flip in ((False, True) if cfg.flip else (False,)):
+                            self.cache.get(i, smp, flip)
+                if turn is not None:
+                    par.barrier()
             host.latents_cached()
 
         network = LoRANetwork(cfg.rank, cfg.alpha, cfg.dropout)
@@ -192,15 +202,18 @@ class Trainer:
             network.attach()
             try:
                 while step < cfg.steps:
-                    if self.cancel.requested:
-                        status = "stopped" if self.cancel.save else "cancelled"
+                    if self.parallel.any(self.cancel.requested):
+                        status = "stopped" if self.cancel.save or not self.cancel.requested else "cancelled"
                         break
                     for _ in range(cfg.grad_accum):
                         idx = sampler.next()
                         loss = self._step_loss(idx, conds, alphas_cumprod, input_dtype, g)
-                        loss = loss / cfg.grad_accum
-                        (scaler.scale(loss) if scaler else loss).backward()
-                        loss_sum += loss.detach()
+                        if loss is not None:  # None: this process has no share of this batch
+                            loss = loss / cfg.grad_accum
+                            (scaler.scale(loss) if scaler else loss).backward()
+                            loss_sum += loss.detach()
+                    if self.parallel.world > 1:
+                        self._sum_gradients(trainable)
                     if scaler:
                         scaler.unscale_(optimizer)
                     if cfg.max_grad_norm:
@@ -216,7 +229,7 @@ class Trainer:
                     steps_this_run += 1
                     loss_n += 1
                     if loss_n >= cfg.log_every or step == cfg.steps or step == 1:
-                        value = (loss_sum / loss_n).item()
+                        value = (self.parallel.sum(loss_sum) / loss_n).item()
                         if not math.isfinite(value):
                             raise CharLoraError(f"the loss became {value} at step {step}; lower the learning rate "
                                                 "or use fp32/bf16 precision")
@@ -228,13 +241,14 @@ class Trainer:
                         eta = elapsed / steps_this_run * (cfg.steps - step)
                         self.progress(Progress(step, cfg.steps, history[-1][1] if history else None,
                                                optimizer.param_groups[0]["lr"], elapsed, eta))
-                    if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
+                    main = self.parallel.is_main  # one process writes files and draws previews
+                    if main and cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
                         image = self._sample()
                         if image is not None and self.on_preview:
                             self.on_preview(step, image)
-                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    if main and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                         checkpoints.append(self._save_checkpoint(step, history, run))
-                preview = self._preview() if status != "cancelled" else None
+                preview = self._preview() if status != "cancelled" and self.parallel.is_main else None
             finally:
                 network.detach()
         result = TrainResult(status=status, steps_done=step, loss_history=history, checkpoints=checkpoints,
@@ -245,7 +259,18 @@ class Trainer:
         self._final = (network.kohya_state_dict(self._save_dtype()), preview)
         return result
 
+    def _sum_gradients(self, params):
+        """Every process's gradients summed (a process without a share of the batch adds zeros)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.parallel.sum(torch.cat([gr.reshape(-1) for gr in grads]))
+        offset = 0
+        for p, gr in zip(params, grads):
+            p.grad = flat[offset:offset + gr.numel()].view_as(gr).clone()
+            offset += gr.numel()
+
     def _step_loss(self, idx, conds, alphas_cumprod, input_dtype, g):
+        """The loss of this process's share of the batch ``idx``, as a part of the whole batch's mean
+        (random numbers are drawn for the whole batch, so every process draws the same ones)."""
         cfg, host = self.cfg, self.host
         device = host.device
         flips = (torch.rand(len(idx), generator=g) < 0.5).tolist() if cfg.flip else [False] * len(idx)
@@ -263,6 +288,13 @@ class Trainer:
         t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
         captions = None if conds is not None else [cap.render(self.samples[i].caption, self.caption_opts, g)
                                                    for i in idx]
+        share = self.parallel.positions(len(idx))
+        if not share:
+            return None
+        if len(share) < len(idx):
+            x0, noise, t, infos = x0[share], noise[share], t[share], [infos[j] for j in share]
+            captions = None if captions is None else [captions[j] for j in share]
+        full, idx = len(idx), [idx[j] for j in share]
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         a = alphas_cumprod[t]
         noisy = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
@@ -275,7 +307,7 @@ class Trainer:
                 with torch.no_grad():
                     cond = host.encode_text(captions, infos)
             pred = host.predict(noisy.to(input_dtype), t, cond)
-        return diffusion_loss(pred, x0, noise, a, host.prediction, cfg.min_snr_gamma)
+        return diffusion_loss(pred, x0, noise, a, host.prediction, cfg.min_snr_gamma) * (len(idx) / full)
 
     def _sample(self):
         """A picture from the host's sampler with the LoRA active, or None. The sampler seeds the

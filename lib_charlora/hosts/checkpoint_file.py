@@ -268,7 +268,7 @@ def layout_of(sd, yaml_cfg=None, prediction=None):
 # -- the tokenizer -------------------------------------------------------------------------------------
 def clip_bpe_file():
     """CLIP's BPE merges (``bpe_simple_vocab_16e6.txt.gz``) from an installed ``open_clip`` or ``clip``
-    package — read as data, the package is not imported."""
+    package (``openai-clip``, the standalone extra; WebUIs ship both) — read as data, not imported."""
     for package in ("open_clip", "clip"):
         spec = importlib.util.find_spec(package)
         for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -285,7 +285,8 @@ def write_clip_tokenizer(directory, pad_token):
     if bpe is None:
         raise CheckpointError(
             "the CLIP tokenizer's vocabulary was not found: install it with "
-            "`pip install --no-deps open_clip_torch` (only its vocabulary file is used)")
+            "`pip install openai-clip==1.0.1` (or the project's extra: `pip install \".[standalone]\"`; only its "
+            "vocabulary file is read)")
     with gzip.open(bpe, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
