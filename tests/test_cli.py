@@ -147,3 +147,32 @@ def test_ctrl_c_stops_and_saves(work):
     assert end["event"] == "end" and end["status"] == "done" and 1 <= end["step"] < 2000
     md = read_metadata(str(root / "loras" / "ctrlc.safetensors"))
     assert md["ss_steps"] == str(end["step"])
+
+
+def test_train_from_an_sdxl_file_loads_into_diffusers_with_every_key(tmp_path, capsys):
+    """SDXL layout (both text encoders, sgm's label_emb) with its .yaml: trained with the text encoders, and
+    diffusers' own loader places every tensor of the file (it is refused otherwise)."""
+    path, _ = write_checkpoint(str(tmp_path), "sdxl", name="tiny-xl")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i, im in enumerate(demo_dataset(5, 64, "xlchr")):
+        im.image.save(pics / f"{i}.png")
+    rc = cli.main(["train", "--checkpoint", path, "--images", str(pics), "--name", "xl", "--trigger", "xlchr",
+                   "--steps", "2", "--resolution", "64", "--rank", "4", "--train-text-encoder", "--out", str(tmp_path / "l")])
+    assert rc == 0, capsys.readouterr().err
+    lora = str(tmp_path / "l" / "xl.safetensors")
+    md = read_metadata(lora)
+    assert md["ss_base_model_version"].startswith("sdxl") and md["ss_sd_model_name"] == "tiny-xl"
+    from safetensors.torch import load_file
+    keys = load_file(lora).keys()
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # SDXL UNet: kohya's compvis-style names
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    from lib_charlora.hosts.checkpoint_file import load_host
+    host = load_host(path)
+    before = {k: v.clone() for k, v in host.unet.module.state_dict().items()}
+    base = host.generate("xlchr", 1, 64, 64, 2)
+    with_lora = host.generate("xlchr", 1, 64, 64, 2, lora=(lora, 1.0))  # raises if a tensor is not placed
+    host.release()
+    import numpy as np
+    assert np.abs(np.asarray(base, dtype=int) - np.asarray(with_lora, dtype=int)).max() > 0
+    assert all(torch.equal(before[k], v) for k, v in host.unet.module.state_dict().items())
