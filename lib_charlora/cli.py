@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_charlora demo | train | evaluate``.
+"""Command line: ``python -m lib_charlora demo | train | evaluate | cast``.
 
 ``train`` and ``evaluate`` load a checkpoint file (or a diffusers folder) and go through the same
 service as the WebUI's HTTP API: the same option names, validation, presets and per-arch defaults.
