@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from checkpoint_files import write_checkpoint
 from lib_charlora import cli
@@ -100,39 +101,43 @@ def test_cast_trains_each_character_goes_on_after_a_failure_and_skips_done_ones(
     assert {w: os.path.getmtime(work / "loras" / f"{w}.safetensors") for w in ("pip", "bob")} == mtimes
 
 
-def test_an_interrupted_character_resumes_from_its_last_checkpoint(base, capsys):
-    work, path = _cast(base, "resume", """
-[test]
-enabled = false
-
-[[character]]
-name = "pip"
-trigger = "pipchr"
-images = "pip"
-steps = 400
-save_every = 1
-resolution = 64
-rank = 4
-""")
+def test_rerun_after_an_interruption_skips_the_first_and_resumes_the_second_to_the_same_weights(base, capsys):
+    """Ctrl-C while the second character trains: stopped and saved; the rerun skips the first and resumes
+    the second from its last checkpoint to exactly the weights of an uninterrupted run."""
+    options = "steps = {steps}\nsave_every = 1\nresolution = 64\nrank = 4\npreset = \"fast\"\n"
+    work, path = _cast(base, "resume", "[test]\nenabled = false\n\n"
+                       "[[character]]\nname = \"bob\"\ntrigger = \"bobchr\"\nimages = \"bob\"\n" + options.format(steps=2) +
+                       "\n[[character]]\nname = \"pip\"\ntrigger = \"pipchr\"\nimages = \"pip\"\n" + options.format(steps=60))
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "lib_charlora", "cast", str(path), "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    on_pip = False
     for line in proc.stdout:
         event = json.loads(line)
-        if event["event"] == "progress" and event["step"] >= 3:
+        on_pip = on_pip or event.get("character") == "pip"
+        if on_pip and event["event"] == "progress" and event["step"] >= 3:
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
-    record = _state(work)["characters"]["pip"]
-    assert record["status"] == "stopped" and 3 <= record["steps"] < 400
-    assert read_metadata(str(work / "loras" / "pip.safetensors"))["ss_steps"] == str(record["steps"])
+    state = _state(work)["characters"]
+    assert state["bob"]["status"] == "done" and state["pip"]["status"] == "stopped" and 3 <= state["pip"]["steps"] < 60
+    assert read_metadata(str(work / "loras" / "pip.safetensors"))["ss_steps"] == str(state["pip"]["steps"])
+    bob_time = os.path.getmtime(work / "loras" / "bob.safetensors")
 
     assert cli.main(["cast", str(path)]) == 0
     out = capsys.readouterr().err
-    assert f"pip: resuming from pip-step{record['steps']:06d}.state" in out
+    assert "bob: done earlier" in out and f"pip: resuming from pip-step{state['pip']['steps']:06d}.state" in out
     assert _state(work)["characters"]["pip"]["status"] == "done"
-    assert read_metadata(str(work / "loras" / "pip.safetensors"))["ss_steps"] == "400"
+    assert os.path.getmtime(work / "loras" / "bob.safetensors") == bob_time
+    assert read_metadata(str(work / "loras" / "pip.safetensors"))["ss_steps"] == "60"
+
+    assert cli.main(["train", "--checkpoint", str(base / "model.safetensors"), "--images", str(base / "pip"), "--name",
+                     "pip", "--trigger", "pipchr", "--steps", "60", "--save-every", "1", "--resolution", "64", "--rank",
+                     "4", "--preset", "fast", "--out", str(work / "straight")]) == 0
+    from safetensors.torch import load_file
+    resumed, straight = load_file(str(work / "loras" / "pip.safetensors")), load_file(str(work / "straight" / "pip.safetensors"))
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
 
 
 def test_shared_cast_is_one_lora_with_a_trigger_per_character(base, capsys):
