@@ -103,6 +103,7 @@ def test_resume_continues_a_stopped_run(work, capsys):
     (["--name", "../evil"], "--name"),
     (["--checkpoint", "/no/such/model.safetensors"], "--checkpoint"),
     (["--resume", "/no/such.state"], "--resume"),
+    (["--out", os.path.join(os.path.abspath(__file__), "loras")], "--out"),   # a folder under a file
 ])
 def test_bad_input_names_the_flag(work, capsys, change, flag):
     args = _train_args(work, "--steps", "2", name="bad")
