@@ -15,7 +15,8 @@ import time
 from .engine.captions import DEFAULT_TEMPLATE, with_trigger_first
 from .engine.config import validate_name
 from .engine.dataset import DatasetError, load_folder
-from .engine.errors import ConfigError
+from . import console
+from .engine.errors import CharLoraError, ConfigError
 
 TRAIN_KEYS = {"preset", "steps", "rank", "alpha", "learning_rate", "text_encoder_lr", "train_text_encoder",
               "resolution", "batch_size", "seed", "save_every", "sample_every", "checkpoint_count", "overwrite"}
@@ -208,3 +209,156 @@ def summary_table(cast, state):
 
 def now():
     return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- running a cast -------------------------------------------------------------------------------------
+def run(args):
+    """Exit code: 0 every character done, 1 some failed or the cast was stopped, 2 bad input."""
+    from .service import TrainService
+    try:
+        cast = read_cast(args.cast, args.checkpoint)
+    except ConfigError as e:
+        if e.field != "cast":
+            raise
+        raise CharLoraError(f"{args.cast}: {str(e).split(': ', 1)[1]}") from e
+    reporter = console.reporter_for(args)
+    main = not console.quiet(args)
+    args.checkpoint = cast.checkpoint
+    console.writable(cast.out)
+    host = console.load_host(args)
+
+    def save_preview(job, step, image):
+        folder = os.path.join(cast.out, f"{job.name}_samples")
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"{job.name}-step{step:06d}.png"))
+
+    service = TrainService(lambda: host, cast.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True},
+                           **console.parallel_options(args, cast.out))
+
+    def save():
+        if main:
+            write_state(cast, state)
+
+    if cast.test and args.parallel is not None:
+        reporter.line("the cast's tests are skipped under accelerate launch: run evaluate afterwards")
+    units = [(c.name, [c]) for c in cast.characters] if cast.mode == "separate" else [(cast.name, cast.characters)]
+    bodies = {}
+    for name, members in units:  # every character's options checked before anything is trained
+        body = {**cast.defaults, **members[0].options} if cast.mode == "separate" else dict(cast.defaults)
+        body.update(name=name, trigger=members[0].trigger if cast.mode == "separate" else name)
+        if cast.test and not body.get("save_every") and "checkpoint_count" not in body:
+            body["checkpoint_count"] = 3  # checkpoints for the test to compare
+        try:
+            service.parse({**body, "overwrite": True}, intake=lambda r: ([], {"warnings": []}))
+        except ConfigError as e:
+            raise CharLoraError(f"{args.cast}: {name}: {e}") from e
+        bodies[name] = body
+    state = read_state(cast)
+    if args.parallel is not None:
+        args.parallel.barrier()  # every process has read the state before the first one writes it
+    state.update(cast=os.path.basename(cast.path), mode=cast.mode, checkpoint=cast.checkpoint)
+    failed, stopped = 0, False
+    for name, members in units:
+        rec = state["characters"].get(name) or {}
+        body = dict(bodies[name])
+        final = os.path.join(cast.out, name + ".safetensors")
+        if rec.get("status") == "done" and os.path.isfile(final) and not body.get("overwrite"):
+            reporter.line(f"{name}: done earlier ({rec.get('finished', '')}), skipped")
+            continue
+        if os.path.isfile(final) and not body.get("overwrite") and rec.get("status") not in ("running", "stopped"):
+            rec = {"status": "failed", "error": f"{final} exists and was not made by this cast: delete it or set "
+                                                "overwrite = true"}
+            state["characters"][name] = rec
+            save()
+            reporter.line(f"{name}: {rec['error']}")
+            failed += 1
+            continue
+        resume = latest_state_file(cast.out, name) if rec.get("status") in ("running", "stopped", "failed") else None
+        if resume and os.path.isfile(final):
+            body["overwrite"] = True  # the partial file of the interrupted run is replaced
+        reporter.line(f"== {name}" + (f": resuming from {os.path.basename(resume)}" if resume else ""), character=name)
+        state["characters"][name] = rec = {"status": "running", "started": now()}
+        save()
+        try:
+            intake = shared_intake(members) if cast.mode == "shared" else None
+            if intake is None:
+                body["image_dir"] = members[0].images
+            spec = service.parse(body, intake=intake)
+            console.check_batch(args, spec.config)
+        except CharLoraError as e:
+            rec.update(status="failed", error=console.bad_input(e))
+            save()
+            reporter.line(f"{name}: failed: {rec['error']}")
+            failed += 1
+            continue
+        if cast.mode == "shared":
+            triggers = {c.name: c.trigger for c in members}
+            spec.config = dataclasses.replace(spec.config, trigger="", extra_metadata={
+                **spec.config.extra_metadata, "modelspec.trigger_phrase": ", ".join(triggers.values()),
+                "charlora_cast_triggers": json.dumps(triggers)}).validate()
+        spec.resume_from = resume
+        job = service.runner.submit(name, spec, output_dir=service.lora_dir)
+        job.total_steps = spec.config.steps
+        presses = console.run_job(service, job, reporter, "step")
+        warnings = [w for w in job.warnings if not (cast.mode == "shared" and w.startswith("no trigger word"))]
+        for w in warnings:
+            reporter.line(f"{name}: warning: {w}")
+        if job.status != "done" or not (job.lora_path or not main):
+            rec.update(status="failed" if job.status == "failed" else "stopped", error=job.error)
+            save()
+            reporter.line(f"{name}: {rec['status']}" + (f": {job.error}" if job.error else ""))
+            if presses:
+                stopped = True
+                break
+            failed += 1
+            continue
+        rec.update(status="stopped" if presses else "done", path=job.lora_path, steps=job.step,
+                   loss=job.loss, finished=now(), warnings=warnings)
+        save()
+        if presses:
+            stopped = True
+            reporter.line(f"{name}: stopped at step {job.step} and saved; run the cast again to resume it")
+            break
+        reporter.line(f"{name}: saved {job.lora_path}")
+        if cast.test and args.parallel is None and not _test_unit(service, cast, name, members, state, reporter):
+            stopped = True
+            break
+    state["summary"] = summary_table(cast, state)
+    save()
+    reporter.line("\n" + state["summary"])
+    reporter.emit(event="end", status="stopped" if stopped else ("failed" if failed else "done"),
+                  state=cast.state_path)
+    if stopped:
+        reporter.line("Stopped. Run the cast again to continue where it stopped.")
+    return 1 if failed or stopped else 0
+
+
+def _test_unit(service, cast, name, members, state, reporter):
+    """Evaluate a finished LoRA (per character in a shared LoRA); False when stopped with Ctrl-C."""
+    for c in members:
+        key = name if cast.mode == "separate" else f"{name}:{c.name}"
+        body = {"lora": name, **cast.test}
+        if cast.mode == "shared":
+            body.update(trigger=c.trigger, image_dir=c.images)
+        rec = state["characters"].setdefault(key, {})
+        try:
+            job = service.submit_evaluation(body)
+        except CharLoraError as e:
+            rec["test_error"] = str(e)
+            reporter.line(f"{key}: test not run: {e}")
+            continue
+        reporter.line(f"{key}: testing {job.total_steps} pictures")
+        presses = console.run_job(service, job, reporter, "picture")
+        if presses:
+            return False
+        result = job.result or {}
+        best = result.get("best")
+        if best:
+            row = next((r for r in result.get("scores", []) if r["checkpoint"] == best["checkpoint"]
+                        and r["strength"] == best["strength"]), {})
+            best = {**best, "identity_lift": row.get("identity_lift"), "prompt_fidelity_delta":
+                    row.get("prompt_fidelity_delta")}
+        rec.update(grids=result.get("grid_paths", []), report=result.get("report_path"), best=best,
+                   embedder=result.get("embedder"), test_error=job.error)
+        write_state(cast, state)
+    return True

@@ -6,13 +6,10 @@ Exit codes: 0 done (also when stopped with Ctrl-C and saved), 2 bad input (the m
 flag), 1 failure.
 """
 import argparse
-import dataclasses
-import json
 import os
-import signal
 import sys
-import time
 
+from . import console
 from .engine.errors import CharLoraError, ConfigError
 
 # API field -> (flag type, help)
@@ -30,18 +27,10 @@ TRAIN_OPTIONS = {
     "checkpoint_count": (int, "N evenly spaced checkpoints to compare afterwards (0-20)"),
 }
 TRAIN_FLAGS = ("train_text_encoder", "overwrite", "keep_checkpoints")
-EVAL_LISTS = {"prompts": str, "seeds": int, "strengths": float}
 
 
-def flag(field):
-    return {"image_dir": "--images", "resume_from": "--resume", "sample_every": "--sample-every"}.get(
-        field, "--" + field.replace("_", "-"))
 
 
-def _bad_input(e):
-    if isinstance(e, ConfigError):
-        return f"{flag(e.field)}: {str(e).split(': ', 1)[1]}"
-    return str(e)
 
 
 def _add_model_args(p, required=True):
@@ -72,9 +61,9 @@ def build_parser():
     train.add_argument("--trigger", help="trigger word (default: the name)")
     train.add_argument("--preset", choices=("fast", "balanced", "quality"), default="balanced")
     for field, (kind, text) in TRAIN_OPTIONS.items():
-        train.add_argument(flag(field), type=kind, help=text)
+        train.add_argument(console.flag(field), type=kind, help=text)
     for field in TRAIN_FLAGS:
-        train.add_argument(flag(field), action=argparse.BooleanOptionalAction, default=None)
+        train.add_argument(console.flag(field), action=argparse.BooleanOptionalAction, default=None)
     train.add_argument("--out", default="loras", help="folder for the LoRA (default: %(default)s)")
     train.add_argument("--resume", metavar="STATE", help="continue from a checkpoint's .state file")
 
@@ -88,7 +77,7 @@ def build_parser():
     ev.add_argument("--seeds", nargs="+", type=int)
     ev.add_argument("--strengths", nargs="+", type=float)
     for field in ("steps", "width", "height"):
-        ev.add_argument(flag(field), type=int)
+        ev.add_argument(console.flag(field), type=int)
     ev.add_argument("--sampler", help="Euler a (default), Euler, DPM++ 2M or DDIM")
     ev.add_argument("--trigger", help="default: the LoRA's own trigger phrase")
     ev.add_argument("--images", help="training pictures for the identity score (default: those kept at training)")
@@ -113,125 +102,27 @@ def main(argv=None):
             return 0
         if args.command == "evaluate" and args.parallel is not None:
             raise CharLoraError("evaluate runs in one process: start it without accelerate launch")
-        return {"train": train, "evaluate": evaluate, "cast": cast_command}[args.command](args)
+        if args.command == "cast":
+            from .cast import run
+            return run(args)
+        return {"train": train, "evaluate": evaluate}[args.command](args)
     except CharLoraError as e:
         if not quiet:
-            print(f"error: {_bad_input(e)}", file=sys.stderr)
+            print(f"error: {console.bad_input(e)}", file=sys.stderr)
         return 2
-
-
-# -- shared ---------------------------------------------------------------------------------------------
-def _quiet(args):
-    return args.parallel is not None and not args.parallel.is_main
-
-
-def _reporter(args):
-    return Reporter(args.json, open(os.devnull, "w") if _quiet(args) else None)
-
-
-def load_host(args):
-    import torch
-    from .hosts.checkpoint_file import load_host as load
-    default = str(args.parallel.device) if args.parallel is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = args.device or default
-    try:
-        torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError("device", str(e)) from e
-    precision = args.precision or ("fp16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if not args.json and not _quiet(args):
-        print(f"Loading {args.checkpoint} ...", file=sys.stderr, flush=True)
-    host = load(args.checkpoint, config=args.config, prediction=args.prediction, device=device, dtype=dtype,
-                allow_pickle=args.allow_pickle)
-    if not args.json and not _quiet(args):
-        kind = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[host.arch] + (" v-prediction" if host.prediction == "v" else "")
-        where = f", {args.parallel.world} processes" if args.parallel is not None else ""
-        print(f"Loaded a {kind} model on {device} ({precision}{where})", file=sys.stderr, flush=True)
-    return host
-
-
-class Reporter:
-    """A progress bar on a terminal, plain lines otherwise, JSON lines with ``--json``."""
-
-    def __init__(self, as_json, stream=None):
-        self.as_json, self.stream = as_json, stream or (sys.stdout if as_json else sys.stderr)
-        self.tty = not as_json and self.stream.isatty()
-        self.last = (None, 0.0)
-
-    def emit(self, **event):
-        if self.as_json:
-            print(json.dumps(event), file=self.stream, flush=True)
-
-    def progress(self, what, step, total, loss=None, eta=None):
-        if (step, loss) == self.last[0] or (not self.tty and time.time() - self.last[1] < 5 and step < total):
-            return
-        self.last = ((step, loss), time.time())
-        if self.as_json:
-            return self.emit(event="progress", kind=what, step=step, total=total, loss=loss, eta_seconds=eta)
-        text = f"{what} {step}/{total}" + ("" if loss is None else f"  loss {loss:.4f}") + \
-            ("" if eta is None else f"  ETA {eta:.0f} s")
-        if self.tty:
-            done = int(30 * step / max(total, 1))
-            self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}   ")
-            if step >= total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def line(self, text, **event):
-        if self.as_json:
-            self.emit(event="message", text=text, **event)
-        else:
-            if self.tty:
-                self.stream.write("\n")
-            print(text, file=self.stream, flush=True)
-
-
-def run_job(service, job, reporter, what):
-    """Waits for ``job`` with progress; Ctrl-C stops and saves, a second Ctrl-C discards."""
-    presses = []
-
-    def on_sigint(signum, frame):
-        presses.append(time.time())
-        save = len(presses) == 1
-        service.runner.stop(job.id, save=save)
-        reporter.line("Stopping: saving what is trained (Ctrl-C again to discard) ..." if save and what == "step"
-                      else "Stopping: discarding ...")
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    finishing = False
-    try:
-        while not service.runner.wait(job.id, timeout=0.5):
-            if job.status == "running":
-                reporter.progress(what, job.step, job.total_steps, job.loss, job.eta_seconds)
-                if what == "step" and job.total_steps and job.step >= job.total_steps and not finishing:
-                    finishing = True  # the card's preview is drawn with the full sampler: minutes on a CPU
-                    reporter.line("Training done: drawing the preview picture and writing the file ...")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    reporter.progress(what, job.step, job.total_steps, job.loss, job.eta_seconds)
-    return len(presses)
-
-
-def _main_thread():
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 # -- train ----------------------------------------------------------------------------------------------
 def train(args):
     from .engine.dataset import DatasetError
     from .service import TrainService
-    reporter = _reporter(args)
+    reporter = console.reporter_for(args)
     if not os.path.isdir(args.images):
         raise ConfigError("image_dir", f"no such folder: {args.images}")
     if args.resume and not os.path.isfile(args.resume):
         raise ConfigError("resume", f"no such file: {args.resume}")
-    _writable(args.out)
-    host = load_host(args)
+    console.writable(args.out)
+    host = console.load_host(args)
     body = {"name": args.name, "image_dir": args.images, "preset": args.preset}
     if args.trigger is not None:
         body["trigger"] = args.trigger
@@ -246,12 +137,12 @@ def train(args):
         reporter.line(f"preview at step {step}: {samples}", step=step)
 
     service = TrainService(lambda: host, args.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True},
-                           **_parallel_options(args, args.out))
+                           **console.parallel_options(args, args.out))
     try:
         spec = service.parse(body)
     except DatasetError as e:
         raise ConfigError("image_dir", str(e)) from e
-    _check_batch(args, spec.config)
+    console.check_batch(args, spec.config)
     spec.resume_from = args.resume
     if args.resume and not spec.config.overwrite and os.path.exists(os.path.join(args.out, args.name + ".safetensors")):
         raise ConfigError("resume", f"{args.name}.safetensors exists already")
@@ -262,7 +153,7 @@ def train(args):
                   f"rank {cfg.rank}, resolution {cfg.resolution}, text encoder {'on' if cfg.train_text_encoder else 'off'}")
     job = service.runner.submit(cfg.name, spec, output_dir=service.lora_dir)
     job.total_steps = cfg.steps
-    run_job(service, job, reporter, "step")
+    console.run_job(service, job, reporter, "step")
     for w in job.warnings:
         reporter.line(f"warning: {w}")
     if job.status == "failed" and (job.error or "").startswith("resume_from: "):  # checked when the run starts
@@ -273,7 +164,7 @@ def train(args):
         reporter.line(f"error: {job.error}")
         reporter.emit(event="end", status="failed", error=job.error)
         return 1
-    if job.status == "done" and _quiet(args):
+    if job.status == "done" and console.quiet(args):
         return 0
     if job.lora_path:
         stem = os.path.splitext(job.lora_path)[0]
@@ -289,7 +180,7 @@ def train(args):
 # -- evaluate -------------------------------------------------------------------------------------------
 def evaluate(args):
     from .service import TrainService
-    reporter = _reporter(args)
+    reporter = console.reporter_for(args)
     body = {"lora": args.lora}
     if args.checkpoints not in ("all", "final"):
         body["checkpoints"] = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
@@ -303,12 +194,12 @@ def evaluate(args):
     if not os.path.isfile(os.path.join(args.loras, args.lora + ".safetensors")) and \
             not os.path.isdir(os.path.join(args.loras, args.lora + "_checkpoints")):
         raise ConfigError("lora", f"no LoRA '{args.lora}' in {args.loras}")
-    host = load_host(args)
+    host = console.load_host(args)
     service = TrainService(lambda: host, args.loras, outputs_dir=args.out,
                            settings=lambda: {"clip_model": args.clip_model})
     job = service.submit_evaluation(body)
     reporter.line(f"Testing '{args.lora}': {job.total_steps} pictures")
-    run_job(service, job, reporter, "picture")
+    console.run_job(service, job, reporter, "picture")
     for w in job.warnings:
         reporter.line(f"warning: {w}")
     if job.status != "done":
@@ -336,184 +227,3 @@ def evaluate(args):
 
 def _num(value):
     return "-" if value is None else f"{value:.3f}"
-
-
-# -- cast -----------------------------------------------------------------------------------------------
-def cast_command(args):
-    """Exit code: 0 every character done, 1 some failed or the cast was stopped, 2 bad input."""
-    from . import cast as casts
-    from .service import TrainService
-    try:
-        cast = casts.read_cast(args.cast, args.checkpoint)
-    except ConfigError as e:
-        if e.field != "cast":
-            raise
-        raise CharLoraError(f"{args.cast}: {str(e).split(': ', 1)[1]}") from e
-    reporter = _reporter(args)
-    main = not _quiet(args)
-    args.checkpoint = cast.checkpoint
-    _writable(cast.out)
-    host = load_host(args)
-
-    def save_preview(job, step, image):
-        folder = os.path.join(cast.out, f"{job.name}_samples")
-        os.makedirs(folder, exist_ok=True)
-        image.save(os.path.join(folder, f"{job.name}-step{step:06d}.png"))
-
-    service = TrainService(lambda: host, cast.out, on_preview=save_preview, settings=lambda: {"keep_checkpoints": True},
-                           **_parallel_options(args, cast.out))
-
-    def save():
-        if main:
-            casts.write_state(cast, state)
-
-    if cast.test and args.parallel is not None:
-        reporter.line("the cast's tests are skipped under accelerate launch: run evaluate afterwards")
-    units = [(c.name, [c]) for c in cast.characters] if cast.mode == "separate" else [(cast.name, cast.characters)]
-    bodies = {}
-    for name, members in units:  # every character's options checked before anything is trained
-        body = {**cast.defaults, **members[0].options} if cast.mode == "separate" else dict(cast.defaults)
-        body.update(name=name, trigger=members[0].trigger if cast.mode == "separate" else name)
-        if cast.test and not body.get("save_every") and "checkpoint_count" not in body:
-            body["checkpoint_count"] = 3  # checkpoints for the test to compare
-        try:
-            service.parse({**body, "overwrite": True}, intake=lambda r: ([], {"warnings": []}))
-        except ConfigError as e:
-            raise CharLoraError(f"{args.cast}: {name}: {e}") from e
-        bodies[name] = body
-    state = casts.read_state(cast)
-    if args.parallel is not None:
-        args.parallel.barrier()  # every process has read the state before the first one writes it
-    state.update(cast=os.path.basename(cast.path), mode=cast.mode, checkpoint=cast.checkpoint)
-    failed, stopped = 0, False
-    for name, members in units:
-        rec = state["characters"].get(name) or {}
-        body = dict(bodies[name])
-        final = os.path.join(cast.out, name + ".safetensors")
-        if rec.get("status") == "done" and os.path.isfile(final) and not body.get("overwrite"):
-            reporter.line(f"{name}: done earlier ({rec.get('finished', '')}), skipped")
-            continue
-        if os.path.isfile(final) and not body.get("overwrite") and rec.get("status") not in ("running", "stopped"):
-            rec = {"status": "failed", "error": f"{final} exists and was not made by this cast: delete it or set "
-                                                "overwrite = true"}
-            state["characters"][name] = rec
-            save()
-            reporter.line(f"{name}: {rec['error']}")
-            failed += 1
-            continue
-        resume = casts.latest_state_file(cast.out, name) if rec.get("status") in ("running", "stopped", "failed") else None
-        if resume and os.path.isfile(final):
-            body["overwrite"] = True  # the partial file of the interrupted run is replaced
-        reporter.line(f"== {name}" + (f": resuming from {os.path.basename(resume)}" if resume else ""), character=name)
-        state["characters"][name] = rec = {"status": "running", "started": casts.now()}
-        save()
-        try:
-            intake = casts.shared_intake(members) if cast.mode == "shared" else None
-            if intake is None:
-                body["image_dir"] = members[0].images
-            spec = service.parse(body, intake=intake)
-            _check_batch(args, spec.config)
-        except CharLoraError as e:
-            rec.update(status="failed", error=_bad_input(e))
-            save()
-            reporter.line(f"{name}: failed: {rec['error']}")
-            failed += 1
-            continue
-        if cast.mode == "shared":
-            triggers = {c.name: c.trigger for c in members}
-            spec.config = dataclasses.replace(spec.config, trigger="", extra_metadata={
-                **spec.config.extra_metadata, "modelspec.trigger_phrase": ", ".join(triggers.values()),
-                "charlora_cast_triggers": json.dumps(triggers)}).validate()
-        spec.resume_from = resume
-        job = service.runner.submit(name, spec, output_dir=service.lora_dir)
-        job.total_steps = spec.config.steps
-        presses = run_job(service, job, reporter, "step")
-        warnings = [w for w in job.warnings if not (cast.mode == "shared" and w.startswith("no trigger word"))]
-        for w in warnings:
-            reporter.line(f"{name}: warning: {w}")
-        if job.status != "done" or not (job.lora_path or not main):
-            rec.update(status="failed" if job.status == "failed" else "stopped", error=job.error)
-            save()
-            reporter.line(f"{name}: {rec['status']}" + (f": {job.error}" if job.error else ""))
-            if presses:
-                stopped = True
-                break
-            failed += 1
-            continue
-        rec.update(status="stopped" if presses else "done", path=job.lora_path, steps=job.step,
-                   loss=job.loss, finished=casts.now(), warnings=warnings)
-        save()
-        if presses:
-            stopped = True
-            reporter.line(f"{name}: stopped at step {job.step} and saved; run the cast again to resume it")
-            break
-        reporter.line(f"{name}: saved {job.lora_path}")
-        if cast.test and args.parallel is None and not _test_unit(service, cast, name, members, state, reporter):
-            stopped = True
-            break
-    state["summary"] = casts.summary_table(cast, state)
-    save()
-    reporter.line("\n" + state["summary"])
-    reporter.emit(event="end", status="stopped" if stopped else ("failed" if failed else "done"),
-                  state=cast.state_path)
-    if stopped:
-        reporter.line("Stopped. Run the cast again to continue where it stopped.")
-    return 1 if failed or stopped else 0
-
-
-def _test_unit(service, cast, name, members, state, reporter):
-    """Evaluate a finished LoRA (per character in a shared LoRA); False when stopped with Ctrl-C."""
-    from . import cast as casts
-    for c in members:
-        key = name if cast.mode == "separate" else f"{name}:{c.name}"
-        body = {"lora": name, **cast.test}
-        if cast.mode == "shared":
-            body.update(trigger=c.trigger, image_dir=c.images)
-        rec = state["characters"].setdefault(key, {})
-        try:
-            job = service.submit_evaluation(body)
-        except CharLoraError as e:
-            rec["test_error"] = str(e)
-            reporter.line(f"{key}: test not run: {e}")
-            continue
-        reporter.line(f"{key}: testing {job.total_steps} pictures")
-        presses = run_job(service, job, reporter, "picture")
-        if presses:
-            return False
-        result = job.result or {}
-        best = result.get("best")
-        if best:
-            row = next((r for r in result.get("scores", []) if r["checkpoint"] == best["checkpoint"]
-                        and r["strength"] == best["strength"]), {})
-            best = {**best, "identity_lift": row.get("identity_lift"), "prompt_fidelity_delta":
-                    row.get("prompt_fidelity_delta")}
-        rec.update(grids=result.get("grid_paths", []), report=result.get("report_path"), best=best,
-                   embedder=result.get("embedder"), test_error=job.error)
-        casts.write_state(cast, state)
-    return True
-
-
-def _writable(folder):
-    """The output folder exists (created) and takes files — checked before a model is loaded."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".charlora-write-test-{os.getpid()}")
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError("out", f"cannot write to {folder} ({e.strerror or e})") from e
-
-
-def _parallel_options(args, out):
-    """Under accelerate launch: the trainer's data-parallel interface and a disk latent cache, so one
-    process per machine encodes the pictures and the others read them."""
-    if args.parallel is None:
-        return {}
-    return {"parallel": args.parallel, "latent_cache_dir": os.path.join(out, ".charlora-latents")}
-
-
-def _check_batch(args, cfg):
-    if args.parallel is not None and cfg.batch_size < args.parallel.world:
-        raise ConfigError("batch_size", f"is the global batch, shared by the {args.parallel.world} processes: "
-                                        f"it must be at least {args.parallel.world}, got {cfg.batch_size}")
