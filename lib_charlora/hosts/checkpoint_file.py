@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.errors import CharLoraError, UnsupportedModelError
-from .standalone import DiffusersHost, sd_alphas_cumprod
+from .standalone import DiffusersHost, scheduler_config, sd_alphas_cumprod
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -306,12 +306,6 @@ def write_clip_tokenizer(directory, pad_token):
 
 
 # -- the config folder and loading ---------------------------------------------------------------------
-def scheduler_config(prediction):
-    return {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-            "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type":
-            "v_prediction" if prediction == "v" else "epsilon", "timestep_spacing": "leading", "steps_offset": 1}
-
-
 def write_config_folder(layout, directory):
     """A diffusers-format folder (model_index.json, component configs, tokenizers) for ``layout``."""
     def dump(sub, name, data):
@@ -325,7 +319,8 @@ def write_config_folder(layout, directory):
              "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     dump("unet", "config.json", {"_class_name": "UNet2DConditionModel", **layout.unet})
     dump("vae", "config.json", {"_class_name": "AutoencoderKL", **layout.vae})
-    dump("scheduler", "scheduler_config.json", scheduler_config(layout.prediction))
+    dump("scheduler", "scheduler_config.json", {"_class_name": "EulerDiscreteScheduler",
+                                                **scheduler_config(layout.prediction)})
     for i, (cfg, projection, pad) in enumerate(layout.text):
         suffix = f"_{i + 1}" if i else ""
         cls = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"

@@ -112,16 +112,16 @@ class DiffusersHost(_ClipVaeHost):
                 (te2, tok2), = rest
                 self.pipeline = diffusers.StableDiffusionXLPipeline(
                     vae=self.vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
-                    unet=self.unet.module, scheduler=diffusers.EulerDiscreteScheduler(**_scheduler_config(self.prediction)))
+                    unet=self.unet.module, scheduler=diffusers.EulerDiscreteScheduler(**scheduler_config(self.prediction)))
             else:
                 self.pipeline = diffusers.StableDiffusionPipeline(
                     vae=self.vae, text_encoder=te, tokenizer=tok, unet=self.unet.module,
-                    scheduler=diffusers.EulerDiscreteScheduler(**_scheduler_config(self.prediction)), safety_checker=None, feature_extractor=None,
+                    scheduler=diffusers.EulerDiscreteScheduler(**scheduler_config(self.prediction)), safety_checker=None, feature_extractor=None,
                     requires_safety_checker=False)
         pipe = self.pipeline
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(
-            {**_scheduler_config(self.prediction), **({"timestep_spacing": "trailing"} if sampler != "DDIM" else {})})
+            {**scheduler_config(self.prediction), **({"timestep_spacing": "trailing"} if sampler != "DDIM" else {})})
         return pipe
 
     def _picture(self, prompt, seed, width, height, steps, sampler):
@@ -180,7 +180,8 @@ class DiffusersHost(_ClipVaeHost):
                                 added_cond_kwargs=added).sample
 
 
-def _scheduler_config(prediction):
+def scheduler_config(prediction):
+    """The SD noise schedule as diffusers schedulers take it (the checkpoint loader writes it too)."""
     return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "prediction_type": "v_prediction" if prediction == "v" else "epsilon", "steps_offset": 1}
 
