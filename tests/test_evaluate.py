@@ -201,8 +201,12 @@ def test_promote_is_atomic_and_takes_the_checkpoint(trained, tmp_path, monkeypat
     kept = os.path.join(webui.lora_dir, "pip_checkpoints", "pip-final.safetensors")
     assert open(kept, "rb").read() == old  # the former final file is kept beside the checkpoints
     assert "pip" in webui.networks.available_networks  # the Lora list was refreshed
-    from lib_charlora.engine.evaluate import find_checkpoints
-    assert [c.file for c in find_checkpoints(webui.lora_dir, "pip")] == ["pip-step000002.safetensors"]  # not twice
+    from lib_charlora.engine.evaluate import EvalConfig, lora_arch, read_metadata, select_checkpoints
+    arch = lora_arch(read_metadata(final))
+    assert [c.file for c in select_checkpoints(EvalConfig(lora="pip"), webui.lora_dir, arch)] == [
+        "pip-step000002.safetensors"]  # all: the promoted final is not tested twice
+    assert [c.file for c in select_checkpoints(EvalConfig(lora="pip", checkpoints="final"), webui.lora_dir, arch)] == [
+        "pip.safetensors"]  # final: the promoted file itself
     # promoting another checkpoint keeps the trained file's copy; promoting that copy undoes the promote
     service.promote({"lora": "pip", "checkpoint": "pip-step000002.safetensors"})
     assert open(kept, "rb").read() == old

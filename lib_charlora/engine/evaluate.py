@@ -136,10 +136,8 @@ def find_checkpoints(lora_dir, name):
     found.sort(key=lambda c: c.step)
     final = os.path.join(lora_dir, f"{name}.safetensors")
     if os.path.isfile(final):
-        md = read_metadata(final)
-        if md.get("charlora_promoted_from") not in {c.file for c in found}:  # a promoted copy would be tested twice
-            steps = md.get("ss_steps", "")
-            found.append(Checkpoint(f"{name}.safetensors", final, int(steps) if steps.isdigit() else 0, final=True))
+        steps = read_metadata(final).get("ss_steps", "")
+        found.append(Checkpoint(f"{name}.safetensors", final, int(steps) if steps.isdigit() else 0, final=True))
     return found
 
 
@@ -148,7 +146,8 @@ def select_checkpoints(cfg, lora_dir, host_arch):
     if not available:
         raise ConfigError("lora", f"no LoRA named '{cfg.lora}' in the Lora folder")
     if cfg.checkpoints == "all":
-        chosen = available
+        files = {c.file for c in available}  # a final file promoted from a checkpoint would be tested twice
+        chosen = [c for c in available if not (c.final and read_metadata(c.path).get("charlora_promoted_from") in files)]
     elif cfg.checkpoints == "final":
         chosen = [c for c in available if c.final]
         if not chosen:
