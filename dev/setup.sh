@@ -16,3 +16,12 @@ PY=${PYTHON:-python3}
 .venv-gradio4/bin/python -m pip install -q --upgrade pip
 .venv-gradio4/bin/python -m pip install -q -c constraints.txt -r requirements-gradio4.txt
 .venv-gradio4/bin/python -c "import gradio; print('gradio 4 environment ready:', gradio.__version__)"
+# Chromium for the browser tests (Debian's package; Playwright drives it and downloads no browser of its own).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        echo "chromium ready: $(chromium --version)"
+    else
+        echo "note: no chromium: the browser tests will be skipped (sudo apt-get install chromium)"
+    fi
+fi

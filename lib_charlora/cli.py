@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_charlora demo | train | evaluate | cast``.
+"""Command line: ``python -m lib_charlora demo | train | evaluate | cast | ui``.
 
 ``train`` and ``evaluate`` load a checkpoint file (or a diffusers folder) and go through the same
 service as the WebUI's HTTP API: the same option names, validation, presets and per-arch defaults.
@@ -29,11 +29,7 @@ TRAIN_OPTIONS = {
 TRAIN_FLAGS = ("train_text_encoder", "overwrite", "keep_checkpoints")
 
 
-
-
-
-
-def _add_model_args(p, required=True):
+def _add_model_args(p, required=True, json=True):
     p.add_argument("--checkpoint", required=required,
                    help="a single-file SD1.x / SD2.x / SDXL checkpoint (.safetensors) or a diffusers folder")
     p.add_argument("--config", help="the checkpoint's original .yaml (default: <checkpoint>.yaml when present)")
@@ -42,7 +38,8 @@ def _add_model_args(p, required=True):
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
                    help="weights of the loaded model (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--allow-pickle", action="store_true", help="load a pickled .ckpt (can run code: trusted files only)")
-    p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress bar")
+    if json:
+        p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress bar")
 
 
 def build_parser():
@@ -87,6 +84,16 @@ def build_parser():
     cast = sub.add_parser("cast", help="train (and test) every character of a cast file, one after another")
     cast.add_argument("cast", help="the cast file (TOML)")
     _add_model_args(cast, required=False)
+
+    serve = sub.add_parser("ui", help="the Character LoRA tab in a browser, without a WebUI")
+    _add_model_args(serve, required=False, json=False)
+    serve.add_argument("--demo", action="store_true", help="train on the embedded tiny model (no checkpoint needed)")
+    serve.add_argument("--out", default="loras", help="folder for the LoRAs (default: %(default)s)")
+    serve.add_argument("--listen", action="store_true", help="serve on every network interface, not only this machine")
+    serve.add_argument("--port", type=int, default=7870, help="port (default: %(default)s)")
+    serve.add_argument("--auth", help="user:password (several: user1:pass1,user2:pass2) for the page and the API")
+    serve.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                       help="CLIP model for the test scores (default: %(default)s)")
     return parser
 
 
@@ -104,6 +111,10 @@ def main(argv=None):
             raise CharLoraError("evaluate runs in one process: start it without accelerate launch")
         if args.command == "cast":
             from .cast import run
+            return run(args)
+        if args.command == "ui":
+            from .serve import run
+            args.json = False
             return run(args)
         return {"train": train, "evaluate": evaluate}[args.command](args)
     except CharLoraError as e:

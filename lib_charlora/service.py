@@ -67,7 +67,8 @@ class TrainService:
 
     def __init__(self, host_factory, lora_dir, lock=None, state=None, latent_cache_dir=None, caption_provider=None,
                  settings=None, tasks=None, job_host_factory=None, total_progress=None, outputs_dir=None,
-                 embedder_factory=None, on_preview=None, parallel=None):
+                 embedder_factory=None, on_preview=None, parallel=None, defaults=None):
+        self.defaults = dict(defaults or {})  # over every preset (the standalone demo's small model: small runs)
         self.on_preview = on_preview  # (job, step, picture): the CLI saves every preview
         self.parallel = parallel      # several processes (accelerate): one writes files
         self.host_factory, self.base_lora_dir, self.state = host_factory, lora_dir, state
@@ -94,6 +95,10 @@ class TrainService:
         if unknown:
             raise ConfigError(unknown[0], f"unknown field; known fields: {', '.join(sorted(_FIELDS))}")
         name = validate_name(body.get("name"))
+        busy = [j for j in self.runner.list() if j.kind == "train" and j.name == name and j.status in ("queued", "running")]
+        if busy:  # a second click or request for the same LoRA while the first is under way
+            raise ConfigError("name", f"a training of '{name}' is already {busy[0].status}; wait for it to end "
+                                      "or stop it first")
         trigger = body.get("trigger", name)
         if not isinstance(trigger, str) or not trigger.strip():
             raise ConfigError("trigger", "must be a non-empty string")
@@ -105,7 +110,8 @@ class TrainService:
                 raise ConfigError(key, f"must be true or false, got {body[key]!r}")
         host = self.host_factory()
         settings = self.settings()
-        values = preset(body.get("preset", settings.get("default_preset", "balanced")), host.arch, host.prediction)
+        values = {**preset(body.get("preset", settings.get("default_preset", "balanced")), host.arch, host.prediction),
+                  **self.defaults}
         for key in (*_NUMERIC, *_BOOL):
             if key in body and key not in ("keep_checkpoints", "checkpoint_count"):
                 values["preview_every" if key == "sample_every" else key] = body[key]
@@ -131,6 +137,12 @@ class TrainService:
             images, report = self._intake(body, cfg.resolution)
         report["warnings"] = notes + list(report["warnings"])
         return TrainSpec(cfg, images, report, (host.arch, host.prediction), body.get("keep_checkpoints"))
+
+    def resolution(self, preset_name=None):
+        """The training resolution of a preset on the loaded model (what pictures are checked against)."""
+        host = self.host_factory()
+        values = preset(preset_name or self.settings().get("default_preset", "balanced"), host.arch, host.prediction)
+        return {**values, **self.defaults}["resolution"]
 
     def _intake(self, body, resolution):
         has_images, has_dir = body.get("images") is not None, body.get("image_dir") is not None
@@ -279,9 +291,8 @@ class TrainService:
                 job.loss_history.append((p.step, p.loss))
             if state is not None:
                 state.job_no = p.step
-                loss = "-" if p.loss is None else f"{p.loss:.4f}"
-                eta = "-" if p.eta is None else f"{p.eta:.0f} s"
-                state.textinfo = f"Character LoRA '{spec.config.name}': step {p.step}/{p.total}, loss {loss}, ETA {eta}"
+                loss = "-" if p.loss is None else f"{p.loss:.4f}"  # no ETA here: the WebUI's bar adds its own
+                state.textinfo = f"Character LoRA '{spec.config.name}': step {p.step}/{p.total}, loss {loss}"
                 if getattr(state, "interrupted", False):  # the WebUI's Interrupt button: stop and save
                     job.cancel.stop(save=True)
 

@@ -118,6 +118,8 @@ def test_jobs_queue_behind_the_lock_and_stop(webui):
     try:
         first = webui.client.post("/charlora/v1/train", json=_body(name="a", steps=200)).json()["job_id"]
         second = webui.client.post("/charlora/v1/train", json=_body(name="b", steps=200)).json()["job_id"]
+        again = webui.client.post("/charlora/v1/train", json=_body(name="b", steps=200))  # a second click
+        assert again.status_code == 422 and "a training of 'b' is already queued" in again.json()["detail"]
         time.sleep(0.3)
         statuses = {j["job_id"]: j["status"] for j in webui.client.get("/charlora/v1/jobs").json()["jobs"]}
         assert statuses == {first: "running", second: "queued"}  # the worker waits for the lock

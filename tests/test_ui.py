@@ -11,23 +11,27 @@ import pytest
 gr = pytest.importorskip("gradio")
 from lib_charlora import ui  # noqa: E402
 
-HAVE_MODELS = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("diffusers") is not None
+HAVE_MODELS = all(importlib.util.find_spec(m) is not None for m in ("transformers", "diffusers", "ldm"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NS = types.SimpleNamespace
 
 
 class StubService:
-    """Records what the tab submits (for the gradio-4 environment, which has no model libraries)."""
+    """Records what the tab submits (handler tests without a model)."""
 
     def __init__(self):
         self.calls = []
-        self.runner = NS(stop=lambda job_id, save=True: None, get=lambda job_id: None)
+        self.runner = NS(stop=lambda job_id, save=True: None, get=lambda job_id: None, list=lambda: [])
+
+    def resolution(self, preset_name=None):
+        return {"fast": 64, "balanced": 96, "quality": 128}[preset_name or "balanced"]
 
     def submit(self, body, files=None, task_id=None):
         self.calls.append((body, files, task_id))
-        return NS(id="1", status="done", step=3, total_steps=3, loss=0.5, eta_seconds=0.0, error=None,
-                  lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t")),
-                  loss_history=[(1, 0.9), (3, 0.5)])
+        images = [NS(name=n) for n, _, _ in files or []]
+        return NS(id="1", kind="train", status="done", step=3, total_steps=3, loss=0.5, eta_seconds=0.0, error=None,
+                  lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t"), images=images),
+                  loss_history=[(1, 0.9), (3, 0.5)], cancel=NS(requested=False, save=True))
 
 
 class StubTestService(StubService):
@@ -48,8 +52,8 @@ class StubTestService(StubService):
                    "identity_lift": 0.1, "prompt_fidelity": 0.2, "prompt_fidelity_delta": -0.01}]
         result = {"grid_paths": self.grids, "scores": scores, "trigger": "pipchr",
                   "best": {"checkpoint": "pip-step000002.safetensors", "strength": 0.8, "reason": "highest lift"}}
-        return NS(id="e1", status="done", step=6, total_steps=6, loss=None, eta_seconds=None, error=None,
-                  lora_path=None, warnings=[], result=result)
+        return NS(id="e1", kind="evaluate", status="done", step=6, total_steps=6, loss=None, eta_seconds=None,
+                  error=None, lora_path=None, warnings=[], result=result, cancel=NS(requested=False, save=True))
 
     def promote(self, body):
         self.promoted.append(body)
@@ -71,37 +75,83 @@ def _pictures(tmp_path, n=6):
     return paths
 
 
+def _train(tab, files, table=None, name="pip", trigger="pipchr", overwrite=False, preset="Fast", auto=False,
+           use_adv=False, te=True, adv=None, task=""):
+    return list(tab.charlora["train"](task, files, "", table, name, trigger, overwrite, preset, auto, use_adv, te,
+                                      *(adv or [d for _, _, d, _ in ui.ADVANCED])))
+
+
 def test_tab_builds_and_is_wired(tmp_path):
     service = StubService()
     tab = ui.create_tab(service, lambda: "model: tiny")
     assert isinstance(tab, gr.Blocks)
     fns = _fns(tab)
     names = [getattr(f.fn, "__name__", None) for f in fns]
-    assert "on_train" in names and "on_check" in names
+    assert "on_train" in names and "on_check" in names and "on_load" in names
     train = fns[names.index("on_train")]
-    assert len(train.inputs) == 10 + len(ui.ADVANCED) and len(train.outputs) == 5
+    assert len(train.inputs) == 11 + len(ui.ADVANCED) and len(train.outputs) == 9
     # the handler itself: uploads as gradio 4 passes them (paths) and as gradio 3 does (objects with .name)
     paths = _pictures(tmp_path)
     for files in (paths, [NS(name=p) for p in paths]):
-        html, thumbs, table = tab.charlora["check"](files, "", 64)
-        assert "<b>6</b> pictures accepted" in html and len(thumbs) == 6 and len(table) == 6
-    out = list(tab.charlora["train"]("task(abc)", paths, "", [["pic0.png", "pipchr, smiling"]], "pip", "pipchr",
-                                     "Fast", False, False, True, *[d for _, _, d, _ in ui.ADVANCED]))
+        html, thumbs, table, checked, note = tab.charlora["check"](files, "", None, "pipchr", "Fast", False, 512)
+        assert "<b>6</b> pictures accepted" in html and len(thumbs) == 6 and len(table["value"]) == 6
+        assert checked == 64 and "checked for training at 64 px" in html  # the preset's resolution, not Advanced's
+        assert "photo of pipchr" in table["label"]
+    # Advanced's resolution when it is used; a later change of preset says the report is stale
+    assert tab.charlora["check"](paths, "", None, "", "Fast", True, 80)[3] == 80
+    assert "made for 80 px; training will use 128 px" in tab.charlora["settings"]("Quality", False, 80, 80)
+    assert tab.charlora["settings"]("Fast", True, 80, 80) == ""
+    # checking again keeps a typed caption
+    _, _, table, _, _ = tab.charlora["check"](paths, "", [["pic1.png", "pipchr, my words"]], "", "Fast", False, 0)
+    assert table["value"][1] == ["pic1.png", "pipchr, my words"]
+
+    out = _train(tab, paths, [["pic0.png", "pipchr, smiling"]], task="task(abc)")
     body, files, task_id = service.calls[-1]
     assert task_id == "task(abc)"
-    assert out[-1][4]["loss"].tolist() == [0.9, 0.5]
     assert body == {"name": "pip", "preset": "fast", "trigger": "pipchr"}
     assert [f[0] for f in files] == [os.path.basename(p) for p in paths]
     assert files[0][2] == "pipchr, smiling" and files[1][2] is None
-    assert "done" in out[-1][1]
-    html, _, _ = tab.charlora["check"]([], "", 64)
-    assert "add pictures" in html
-    # a cleared number field in Advanced: a message naming it, nothing submitted
+    job_id, status, loss, preview, result, download, train_b, stop_b, cancel_b = out[-1]
+    assert "Done: 3 steps" in status and "data-points='2'" in loss
+    assert train_b["interactive"] is True and stop_b["interactive"] is False  # finished: Train again, no Stop
+    assert out[0][6]["interactive"] is False and out[0][7]["interactive"] is True  # while it runs
+    assert "5 pictures have no row in the caption table" in out[-1][1]
+    html = tab.charlora["check"]([], "", None, "", "Fast", False, 0)[0]
+    assert "Pictures: add pictures" in html and "charlora-error" in html
+
+
+def test_tab_refusals_keep_the_previous_result(tmp_path):
+    service = StubService()
+    tab = ui.create_tab(service)
+    paths = _pictures(tmp_path)
+    # a cleared number field in Advanced: a message naming it, nothing submitted, the result area untouched
     adv = [d for _, _, d, _ in ui.ADVANCED]
     adv[1] = None
-    n = len(service.calls)
-    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", "Fast", False, True, True, *adv))
-    assert len(out) == 1 and "rank: &#x27;Rank&#x27; is empty" in out[0][1] and len(service.calls) == n
+    out = _train(tab, paths, use_adv=True, adv=adv)
+    assert len(out) == 2 and "Rank: is empty" in out[-1][1] and not service.calls
+    assert all(isinstance(v, dict) and set(v) <= {"__type__"} for v in out[-1][2:6])  # gr.update(): kept
+    assert out[-1][6]["interactive"] is True
+    # files that arrived empty (gradio 3 while an upload is still running): say so, submit nothing
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    out = _train(tab, paths + [str(empty)])
+    assert "arrived empty" in out[-1][1] and not service.calls
+    assert "arrived empty" in tab.charlora["check"]([str(empty)], "", None, "", "Fast", False, 0)[0]
+    # the API's "set overwrite" becomes the tab's checkbox
+    from lib_charlora.engine.errors import ConfigError
+
+    def exists(body, files=None, task_id=None):
+        raise ConfigError("name", "a LoRA named 'pip' already exists; choose another name or set overwrite")
+    service.submit = exists
+    out = _train(tab, paths)
+    assert "Character name: a LoRA named" in out[-1][1] and "Replace an existing LoRA of this name" in out[-1][1]
+
+
+def test_loss_plot_has_whole_step_ticks():
+    svg = ui._loss_svg([(1, 1.1151), (2, 1.1098)], 2)
+    assert ">0.5<" not in svg and ">1<" in svg and ">2<" in svg and "data-points='2'" in svg
+    assert ">1.110<" in svg  # loss ticks with as many decimals as their spacing needs
+    assert "the loss appears here" in ui._loss_svg([], 0)
 
 
 def test_test_section_shows_grids_scores_and_promotes_the_pick(tmp_path):
@@ -137,7 +187,7 @@ def test_under_gradio4():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # what runs there: the tab (build, wiring, handlers, scripts entry) and the API routes on Forge's
     # fastapi / pydantic 2; the model-backed tab test is skipped there (no model libraries) and runs here
-    assert "9 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
+    assert "11 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
 
 
 def test_gradio_is_the_pinned_version():
@@ -160,16 +210,18 @@ def test_tab_trains_through_the_service(tmp_path):
     for verb in ("add_task_to_queue", "start_task", "finish_task"):
         setattr(tasks, verb, lambda t, verb=verb: tasks.log.append((verb, t)))
     service.tasks = tasks
-    out = list(tab.charlora["train"]("task(x1)", _pictures(tmp_path), "", None, "pip", "pipchr", "Fast", False, True,
-                                     False, *adv))
-    job_id, status, preview, text, plot = out[-1]
+    out = _train(tab, _pictures(tmp_path), use_adv=True, te=False, adv=adv, task="task(x1)")
+    job_id, status, loss, preview, text, download = out[-1][:6]
     assert tasks.log == [("add_task_to_queue", "task(x1)"), ("start_task", "task(x1)"), ("finish_task", "task(x1)")]
-    assert list(plot["step"]) == [1, 3] and len(plot["loss"]) == 2  # the loss is read every log_every steps
-    assert "<b>done</b>" in status and text == "<lora:pip:1> pipchr"
-    assert preview and os.path.isfile(preview) and os.path.isfile(tmp_path / "Lora" / "pip.safetensors")
+    assert "data-points='2'" in loss  # the loss is read every log_every steps: steps 1 and 3
+    assert "Done: 3 steps" in status and text == "<lora:pip:1> pipchr" and download is None  # no download in a WebUI
+    assert preview.size[0] > 0 and os.path.isfile(tmp_path / "Lora" / "pip.safetensors")
+    # a reloaded page shows the last training again
+    again = list(tab.charlora["load"]())
+    assert again[-1][0] == job_id and "Done: 3 steps" in again[-1][1] and again[-1][4] == text
     # a bad name is refused in the tab before anything is queued
-    out = list(tab.charlora["train"]("", _pictures(tmp_path), "", None, "a/b", "", "Fast", False, False, False, *adv))
-    assert len(out) == 1 and "path separator" in out[0][1]
+    out = _train(tab, _pictures(tmp_path), name="a/b", trigger="", adv=adv)
+    assert len(out) == 2 and "path separator" in out[-1][1]
     assert "No training is running" in tab.charlora["stop"](None, True)
 
 
@@ -199,8 +251,8 @@ def test_autocaption_fills_only_empty_captions(tmp_path):
     tab = ui.create_tab(StubService(), captioners={"BLIP": fake_blip})
     paths = _pictures(tmp_path, 5)
     table = [["pic0.png", "pipchr, my own words"], ["pic1.png", ""]]
-    rows, note = tab.charlora["autocaption"](paths, "", table, "BLIP", 64)
+    rows, note = tab.charlora["autocaption"](paths, "", table, "BLIP", "Fast", False, 0)
     assert rows[0] == ["pic0.png", "pipchr, my own words"]
     assert [r[1] for r in rows[1:]] == ["a blue square"] * 4 and len(seen) == 4 and "4 captions" in note
-    rows, note = tab.charlora["autocaption"](paths, "", table, "nothing", 64)
+    rows, note = tab.charlora["autocaption"](paths, "", table, "nothing", "Fast", False, 0)
     assert rows == table and "No interrogator" in note
