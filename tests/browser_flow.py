@@ -115,8 +115,9 @@ def wait_uploaded(tab, count, timeout=60):
     assert links.count() >= count, f"{links.count()} of {count} files uploaded"
 
 
-def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300):
-    """The whole flow; ``lora_dir`` (where the server writes LoRAs) lets it check the file itself."""
+def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300, name=NAME, stop=True):
+    """The whole flow; ``lora_dir`` (where the server writes LoRAs) lets it check the file itself; ``stop``:
+    reload the page while training and press Stop and save (else: let the training finish)."""
     tab = Tab(page, shots)
     page.goto(base_url)
     tab.open_tab()
@@ -136,12 +137,13 @@ def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300):
     tab.q("#charlora_check").click()  # zero pictures
     tab.wait_text("charlora_report", r"Pictures: add pictures")
 
-    tab.field("charlora_name").fill(NAME)
+    tab.field("charlora_name").fill(name)
     tab.field("charlora_trigger").fill(TRIGGER)
     tab.q("#charlora_files input[type=file]").set_input_files(pics)
     wait_uploaded(tab, len(pics))
     tab.q("#charlora_check").click()
-    tab.wait_text("charlora_report", r"6 pictures accepted, 2 rejected")
+    checked = int(tab.wait_text("charlora_report", r"6 pictures accepted, 2 rejected \(checked for training at (\d+) px")
+                  .group(1))
     report = tab.text("charlora_report")
     assert re.search(r"broken\.png\s+\u2716 rejected", report), report
     assert re.search(r"tiny\.png\s+\u2716 rejected.*64", report), report
@@ -167,7 +169,7 @@ def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300):
     tab.field("charlora_adv_resolution").press("Tab")
     tab.field("charlora_adv_sample_every").fill("10")
     tab.field("charlora_adv_sample_every").press("Tab")
-    tab.wait_text("charlora_resolution_note", r"made for 128 px; training will use 64 px")
+    tab.wait_text("charlora_resolution_note", r"made for %d px; training will use 64 px" % checked)
     tab.q("#charlora_check").click()
     tab.wait_text("charlora_report", r"checked for training at 64 px")
     tab.wait_text("charlora_resolution_note", r"^\s*$")
@@ -187,9 +189,16 @@ def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300):
         page.wait_for_timeout(300)  # the loss is read every few steps: the plot fills
     assert int(tab.q("#charlora_loss svg").first.get_attribute("data-points")) >= 2
     assert int(re.search(r"step (\d+)/", tab.text("charlora_status")).group(1)) > first  # the step moves
-    tab.wait_text("charlora_status", r"ETA \d+ s|Training: step")
+    if page.evaluate("typeof requestProgress === 'function'"):  # in a WebUI: its progress bar, by the status
+        bar = tab.q("#charlora_progress_box .progressDiv").first
+        assert abs(bar.bounding_box()["y"] - tab.q("#charlora_status").first.bounding_box()["y"]) < 120
+        assert bar.inner_text().count("ETA") <= 1, bar.inner_text()
+    else:
+        tab.wait_text("charlora_status", r"ETA \d+")
     tab.q("#charlora_preview img").first.wait_for(state="visible", timeout=120_000)  # a preview every 10 steps
     tab.shot("04-training")
+    if not stop:
+        return finish(tab, base_url, lora_dir, steps, name)
 
     # the page reloaded while training: the running job is shown again
     page.reload()
@@ -205,36 +214,53 @@ def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300):
     assert 0 < stopped < steps
     tab.wait_enabled("charlora_train")
     assert not tab.enabled("charlora_stop") and not tab.enabled("charlora_cancel")
-    assert tab.field("charlora_result").input_value() == f"<lora:{NAME}:1> {TRIGGER}"
+    assert tab.field("charlora_result").input_value() == f"<lora:{name}:1> {TRIGGER}"
     tab.q("#charlora_preview img").first.wait_for(state="visible")
     tab.shot("07-done")
 
     jobs = page.request.get(base_url.rstrip("/") + "/charlora/v1/jobs").json()
-    trainings = [j for j in jobs["jobs"] if j["kind"] == "train"]
+    trainings = [j for j in jobs["jobs"] if j["kind"] == "train" and j["lora_name"] == name]
     assert len(trainings) == 1, trainings  # the double click queued one job
 
     if lora_dir:
-        meta = _metadata(os.path.join(lora_dir, NAME + ".safetensors"))
+        meta = _metadata(os.path.join(lora_dir, name + ".safetensors"))
         assert int(meta["ss_steps"]) == stopped
         assert "waving" in json.dumps(json.loads(meta["ss_tag_frequency"])), meta["ss_tag_frequency"]
 
     # a refused second training keeps the result on screen; the message names the tab's checkbox
-    tab.field("charlora_name").fill(NAME)  # the reload emptied the form
+    tab.field("charlora_name").fill(name)  # the reload emptied the form
     tab.q("#charlora_train").click()
     tab.wait_text("charlora_status", r"already exists.*Replace an existing LoRA of this name")
-    assert tab.field("charlora_result").input_value() == f"<lora:{NAME}:1> {TRIGGER}"
+    assert tab.field("charlora_result").input_value() == f"<lora:{name}:1> {TRIGGER}"
     tab.wait_enabled("charlora_train")
 
+    send_to_txt2img(tab, name)
+    return tab
+
+
+def finish(tab, base_url, lora_dir, steps, name):
+    """Let the training end by itself; the result card; "Use in txt2img"."""
+    tab.wait_text("charlora_status", r"Done: %d steps" % steps, timeout=600_000)
+    tab.wait_enabled("charlora_train")
+    assert tab.field("charlora_result").input_value() == f"<lora:{name}:1> {TRIGGER}"
+    tab.q("#charlora_preview img").first.wait_for(state="visible")
+    tab.shot("07-finished")
+    if lora_dir:
+        assert int(_metadata(os.path.join(lora_dir, name + ".safetensors"))["ss_steps"]) == steps
+    send_to_txt2img(tab, name)
+    return tab
+
+
+def send_to_txt2img(tab, name):
     send = tab.q("#charlora_send")
     if send.count() and send.is_visible():
         send.click()
         prompt = tab.q("#txt2img_prompt textarea").first
         prompt.wait_for(state="visible", timeout=10_000)
         value = prompt.input_value()
-        assert f"<lora:{NAME}:1> {TRIGGER}" in value, value
+        assert f"<lora:{name}:1> {TRIGGER}" in value, value
         assert tab.q("#charlora_train").is_hidden()  # the txt2img tab is shown
         tab.shot("08-txt2img")
-    return tab
 
 
 def _metadata(path):
@@ -249,6 +275,8 @@ def main():
     p.add_argument("--shots", help="folder for screenshots of each state")
     p.add_argument("--lora-dir", help="the server's Lora folder (checks the written file)")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--name", default=NAME, help="the LoRA's name (default: %(default)s)")
+    p.add_argument("--finish", action="store_true", help="let the training finish (no reload, no Stop)")
     args = p.parse_args()
     import tempfile
     from playwright.sync_api import sync_playwright
@@ -258,7 +286,8 @@ def main():
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
-        run(page, args.url, args.lora_dir, args.shots, pictures(tmp), steps=args.steps)
+        run(page, args.url, args.lora_dir, args.shots, pictures(tmp), steps=args.steps, name=args.name,
+            stop=not args.finish)
         browser.close()
     print("browser flow passed")
 
