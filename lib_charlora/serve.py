@@ -2,7 +2,9 @@
 host, for users without a WebUI (ComfyUI users, headless boxes). The HTTP API (``/charlora/v1``) is served
 beside it, as in the WebUIs."""
 import os
+import signal
 import sys
+import threading
 
 DEMO_DEFAULTS = {"resolution": 128, "steps": 100, "batch_size": 2}   # what the tiny demo model trains in minutes
 
@@ -80,14 +82,21 @@ def run(args):
     api.register(app, service, args.auth)  # the served app (gradio 3's page.app is another one)
     print(f"Character LoRA on http://{'localhost' if not args.listen else host_name}:{page.server_port} "
           f"(LoRAs are written to {os.path.abspath(args.out)}); Ctrl-C stops it.", file=sys.stderr, flush=True)
-    try:
-        page.block_thread()
-    except KeyboardInterrupt:
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(0.5):
         pass
-    finally:
-        for job in service.runner.list():  # a training in progress keeps what it has trained
-            if job.status in ("queued", "running"):
-                service.runner.stop(job.id, save=True)
-        service.runner.idle(timeout=120)
-        page.close()
-    return 0
+    running = [j for j in service.runner.list() if j.status in ("queued", "running")]
+    if running:
+        print("Stopping: saving the training in progress …", file=sys.stderr, flush=True)
+    for job in running:  # a training in progress keeps what it has trained
+        service.runner.stop(job.id, save=True)
+    service.runner.idle(timeout=600)
+    closer = threading.Thread(target=page.close, daemon=True)  # gradio waits for open pages to go: not forever
+    closer.start()
+    closer.join(10)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(0)

@@ -1,6 +1,6 @@
 """What a user does in the "Character LoRA" tab, driven in a real Chromium by Playwright, with assertions on
 what the page shows. Used by ``test_browser.py`` (gradio 3.41.2 and 4.40.0) and, with ``--url``, against any
-page that has the tab (a real WebUI); ``--shots docs`` writes the README's pictures.
+page that has the tab (a real WebUI); ``--docs docs --finish`` writes the README's pictures (dev/screenshots.sh).
 
     python tests/browser_flow.py --url http://127.0.0.1:7860 --shots /tmp/shots [--lora-dir DIR]
 """
@@ -19,8 +19,8 @@ CHROMIUM = os.environ.get("CHARLORA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 NAME, TRIGGER = "pip_browser", "pipchr"
-SHOTS = {"01-empty": "docs/ui-empty.png", "02-checked": "docs/ui-checked.png", "04-training": "docs/ui-training.png",
-         "07-done": "docs/ui-done.png"}
+DOCS = {"01-empty": "ui-empty.jpg", "02-checked": "ui-checked.jpg", "04-training": "ui-training.jpg",
+        "07-finished": "ui-done.jpg"}   # the README's pictures (--docs): states of the --finish flow
 
 
 def pictures(folder, good=6):
@@ -43,8 +43,8 @@ def pictures(folder, good=6):
 class Tab:
     """The tab in a page, with helpers that read what a user sees."""
 
-    def __init__(self, page, shots, timeout=240_000):
-        self.page, self.shots, self.timeout = page, shots, timeout
+    def __init__(self, page, shots, timeout=240_000, docs=None):
+        self.page, self.shots, self.timeout, self.docs = page, shots, timeout, docs
         self.taken = []
 
     def q(self, selector):
@@ -84,6 +84,12 @@ class Tab:
             path = os.path.join(self.shots, name + ".png")
             self.page.screenshot(path=path, full_page=True)
             self.taken.append(path)
+        if self.docs and name in DOCS:  # the two columns, down to the Test section
+            self.page.wait_for_timeout(500)
+            top = self.q("#charlora_test_section").first.bounding_box()["y"] + self.page.evaluate("window.scrollY")
+            width = self.page.viewport_size["width"]
+            self.page.screenshot(path=os.path.join(self.docs, DOCS[name]), full_page=True, type="jpeg", quality=80,
+                                 clip={"x": 0, "y": 0, "width": width, "height": top - 4})
 
     def open_tab(self):
         self.q("#charlora_train").wait_for(state="attached", timeout=60_000)
@@ -115,10 +121,10 @@ def wait_uploaded(tab, count, timeout=60):
     assert links.count() >= count, f"{links.count()} of {count} files uploaded"
 
 
-def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300, name=NAME, stop=True):
+def run(page, base_url, lora_dir=None, shots=None, pics=None, steps=300, name=NAME, stop=True, docs=None):
     """The whole flow; ``lora_dir`` (where the server writes LoRAs) lets it check the file itself; ``stop``:
     reload the page while training and press Stop and save (else: let the training finish)."""
-    tab = Tab(page, shots)
+    tab = Tab(page, shots, docs=docs)
     page.goto(base_url)
     tab.open_tab()
     assert "Training on" in tab.text("charlora_model")
@@ -277,6 +283,7 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--name", default=NAME, help="the LoRA's name (default: %(default)s)")
     p.add_argument("--finish", action="store_true", help="let the training finish (no reload, no Stop)")
+    p.add_argument("--docs", help="write the README's pictures into this folder (with --finish)")
     args = p.parse_args()
     import tempfile
     from playwright.sync_api import sync_playwright
@@ -287,7 +294,7 @@ def main():
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         run(page, args.url, args.lora_dir, args.shots, pictures(tmp), steps=args.steps, name=args.name,
-            stop=not args.finish)
+            stop=not args.finish, docs=args.docs)
         browser.close()
     print("browser flow passed")
 

@@ -76,7 +76,7 @@ class Server:
             import signal
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(60)
+                self.proc.wait(300)  # a training in progress is saved first
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -166,6 +166,11 @@ def test_ui_demo_command_trains_and_the_lora_downloads(browser, tmp_path):
         tab.shot("done")
         jobs = page.request.get(server.url + "charlora/v1/jobs").json()["jobs"]  # the API is served beside it
         assert [j["status"] for j in jobs] == ["done"]
+        # Ctrl-C while a training runs: the server stops, the training is saved first
+        tab.field("charlora_name").fill("pip_long")
+        tab.field("charlora_adv_steps").fill("5000")
+        tab.q("#charlora_train").click()
+        tab.wait_text("charlora_status", r"Training: step [1-9]\d*/5000", timeout=300_000)
     except Exception:
         page.screenshot(path=os.path.join(shots, "failed.png"), full_page=True)
         raise
@@ -174,3 +179,6 @@ def test_ui_demo_command_trains_and_the_lora_downloads(browser, tmp_path):
         code = server.stop()
     assert code == 0, server.output()[-3000:]
     assert "Traceback" not in server.output(), server.output()[-3000:]
+    with open(out / "pip_long.safetensors", "rb") as f:
+        steps = int(json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))["__metadata__"]["ss_steps"])
+    assert 0 < steps < 5000

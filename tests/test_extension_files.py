@@ -39,3 +39,18 @@ def test_scripts_entry_loads_like_the_webui_loads_it():
     finally:
         sys.path[:] = old
     assert "lib_charlora" in sys.modules
+
+
+def test_webui_start_imports_nothing_heavy():
+    # what loading scripts/charlora.py and building the tab import, in a fresh process that has what the
+    # WebUI has by then (timings: benchmarks/startup.py; here only which modules)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import startup
+    finally:
+        sys.path.pop(0)
+    r = startup.measure()
+    assert sorted(r["script_modules"]) == ["lib_charlora", "lib_charlora.webui"]  # the script: two small modules
+    heavy = [m for m in r["script_modules"] + r["tab_modules"] if m.split(".")[0] in startup.HEAVY]
+    assert heavy == [], heavy
+    assert "lib_charlora.ui" in r["tab_modules"]  # the tab was built
