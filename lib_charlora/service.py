@@ -7,6 +7,7 @@ queued, written or touched.
 import base64
 import binascii
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -81,6 +82,7 @@ class TrainService:
         self.settings = settings or (lambda: {})
         self.latent_cache_dir, self.caption_provider = latent_cache_dir, caption_provider
         self.runner = JobRunner(self._run, lock)
+        self._submitting = threading.Lock()
 
     # -- requests ----------------------------------------------------------------------------------
     def parse(self, body, files=None, intake=None):
@@ -95,10 +97,7 @@ class TrainService:
         if unknown:
             raise ConfigError(unknown[0], f"unknown field; known fields: {', '.join(sorted(_FIELDS))}")
         name = validate_name(body.get("name"))
-        busy = [j for j in self.runner.list() if j.kind == "train" and j.name == name and j.status in ("queued", "running")]
-        if busy:  # a second click or request for the same LoRA while the first is under way
-            raise ConfigError("name", f"a training of '{name}' is already {busy[0].status}; wait for it to end "
-                                      "or stop it first")
+        self._refuse_if_busy(name)
         trigger = body.get("trigger", name)
         if not isinstance(trigger, str) or not trigger.strip():
             raise ConfigError("trigger", "must be a non-empty string")
@@ -138,6 +137,12 @@ class TrainService:
         report["warnings"] = notes + list(report["warnings"])
         return TrainSpec(cfg, images, report, (host.arch, host.prediction), body.get("keep_checkpoints"))
 
+    def _refuse_if_busy(self, name):
+        busy = [j for j in self.runner.list() if j.kind == "train" and j.name == name and j.status in ("queued", "running")]
+        if busy:  # a second click or request for the same LoRA while the first is under way
+            raise ConfigError("name", f"a training of '{name}' is already {busy[0].status}; wait for it to end "
+                                      "or stop it first")
+
     def resolution(self, preset_name=None):
         """The training resolution of a preset on the loaded model (what pictures are checked against)."""
         host = self.host_factory()
@@ -173,9 +178,11 @@ class TrainService:
     def submit(self, body, files=None, task_id=None):
         spec = self.parse(body, files)
         output_dir = self.lora_dir
-        if task_id and self.tasks is not None:
-            self.tasks.add_task_to_queue(task_id)  # the WebUI's progress bar shows it as queued
-        job = self.runner.submit(spec.config.name, spec, task_id=task_id, output_dir=output_dir)
+        with self._submitting:  # two clicks checked side by side both passed parse's check: one of them is queued
+            self._refuse_if_busy(spec.config.name)
+            if task_id and self.tasks is not None:
+                self.tasks.add_task_to_queue(task_id)  # the WebUI's progress bar shows it as queued
+            job = self.runner.submit(spec.config.name, spec, task_id=task_id, output_dir=output_dir)
         job.total_steps = spec.config.steps
         job.lora_name = spec.config.name
         job.warnings += spec.report["warnings"] + [f"{f['name']}: {w}" for f in spec.report["files"]

@@ -238,8 +238,8 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
                         job.warnings.append(f"{len(missing)} pictures have no row in the caption table "
                                             f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}): "
                                             "they use their own caption file or the template")
-            except (CharLoraError, DatasetError) as e:  # the previous result stays on screen
-                yield (gr.update(), _error(e)) + keep[:4] + _buttons(False)
+            except (CharLoraError, DatasetError) as e:  # the previous result stays on screen; no job: no test after
+                yield (None, _error(e)) + keep[:4] + _buttons(False)
                 return
             yield from _follow(job, webui_bar=bool(task_id) and not standalone)
 

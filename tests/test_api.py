@@ -234,3 +234,36 @@ def test_sample_every_shows_live_previews(tmp_path):
     service.runner.wait(job.id, 60)
     assert job.status == "done" and len(shown) == 2 and job.preview is shown[-1]
     assert cleared == [1]  # the console's "Total progress" bar the previews advanced is reset, as the WebUI's API does
+
+
+def test_two_clicks_checked_side_by_side_queue_one_job(webui, monkeypatch):
+    # a double click: both requests are parsed at the same time (intake takes seconds), so both pass the check in
+    # parse(); only one may be queued
+    parse, arrived = webui.service.parse, threading.Barrier(2)
+
+    def slow_parse(*a, **kw):
+        spec = parse(*a, **kw)
+        arrived.wait(10)  # both have been checked before either is queued
+        return spec
+    monkeypatch.setattr(webui.service, "parse", slow_parse)
+    webui.lock.acquire()  # keep the first one queued
+    try:
+        results = []
+
+        def click():
+            try:
+                results.append(webui.service.submit(_body(name="twice", steps=50)).id)
+            except Exception as e:
+                results.append(e)
+        threads = [threading.Thread(target=click) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        jobs = [j for j in webui.service.runner.list() if j.name == "twice"]
+        assert len(jobs) == 1, results
+        assert any("a training of 'twice' is already" in str(r) for r in results), results
+    finally:
+        webui.lock.release()
+        webui.service.runner.stop(jobs[0].id, save=False)
+        webui.service.runner.idle(60)
