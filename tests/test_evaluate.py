@@ -229,11 +229,12 @@ def test_the_tab_tests_a_lora_right_after_training(tmp_path):
         open(paths[-1], "wb").write(base64.b64decode(b64))
     adv = [d for _, _, d, _ in ui.ADVANCED]
     adv[0], adv[5] = 4, 64  # steps, resolution
-    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", "Fast", True, True, False, *adv))
-    assert "<b>done</b>" in out[-1][1]
+    # task, files, folder, caption table, name, trigger, overwrite, preset, auto-test, use Advanced, text encoder, *adv
+    out = list(tab.charlora["train"]("", paths, "", None, "pip", "pipchr", False, "Fast", True, True, False, *adv))
+    assert "data-status='done'" in out[-1][1]
     lora, status, grids, rows, best, state = list(tab.charlora["after_training"](out[-1][0], True, "{trigger}",
                                                                                 "1", "1", 2))[-1]
-    assert lora == "pip" and "<b>done</b>" in status
+    assert lora == "pip" and "data-status='done'" in status
     assert [g[1] for g in grids] == [f"pip-step00000{i}-grid.png" for i in (1, 2, 3)] + ["pip-grid.png"]
     assert [r[1] for r in rows] == [1, 2, 3, 4] and best.startswith("<lora:pip") and best.endswith(" pipchr")
 
