@@ -313,7 +313,7 @@ def run(args):
             failed += 1
             continue
         rec.update(status="stopped" if presses else "done", path=job.lora_path, steps=job.step,
-                   loss=job.loss, finished=now(), warnings=warnings)
+                   loss=job.loss, peak_memory_mb=job.to_dict()["peak_memory_mb"], finished=now(), warnings=warnings)
         save()
         if presses:
             stopped = True

@@ -11,6 +11,7 @@ import sys
 
 from . import console
 from .engine.errors import CharLoraError, ConfigError
+from .engine.memory import memory_text
 
 # API field -> (flag type, help)
 TRAIN_OPTIONS = {
@@ -179,9 +180,11 @@ def train(args):
         return 0
     if job.lora_path:
         stem = os.path.splitext(job.lora_path)[0]
-        reporter.line(f"Saved {job.lora_path} (+ {os.path.basename(stem)}.preview.png, .json) at step {job.step}.\n"
-                      f"Use it as:  <lora:{cfg.name}:1> {cfg.trigger}")
-        reporter.emit(event="end", status="done", path=job.lora_path, step=job.step)
+        memory = "" if job.peak_memory_mb is None else f" Peak memory beyond the model: {memory_text(job.peak_memory_mb)}."
+        reporter.line(f"Saved {job.lora_path} (+ {os.path.basename(stem)}.preview.png, .json) at step {job.step}."
+                      f"{memory}\nUse it as:  <lora:{cfg.name}:1> {cfg.trigger}")
+        reporter.emit(event="end", status="done", path=job.lora_path, step=job.step,
+                      peak_memory_mb=job.to_dict()["peak_memory_mb"])
         return 0
     reporter.line("Stopped: nothing saved.")
     reporter.emit(event="end", status="cancelled")

@@ -27,6 +27,7 @@ class Job:
     total_steps: int = 0
     loss: Optional[float] = None
     eta_seconds: Optional[float] = None
+    peak_memory_mb: Optional[float] = None  # training memory beyond the loaded model (engine.memory)
     lora_name: Optional[str] = None
     lora_path: Optional[str] = None
     warnings: list = field(default_factory=list)
@@ -44,6 +45,7 @@ class Job:
     def to_dict(self):
         return {"job_id": self.id, "kind": self.kind, "status": self.status, "step": self.step,
                 "total_steps": self.total_steps, "loss": self.loss, "eta_seconds": self.eta_seconds,
+                "peak_memory_mb": None if self.peak_memory_mb is None else round(self.peak_memory_mb, 1),
                 "lora_name": self.lora_name, "lora_path": self.lora_path, "warnings": list(self.warnings),
                 "error": self.error, "result": self.result}
 

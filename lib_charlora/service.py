@@ -293,7 +293,7 @@ class TrainService:
         spec = job.spec
 
         def progress(p):
-            job.step, job.loss, job.eta_seconds = p.step, p.loss, p.eta
+            job.step, job.loss, job.eta_seconds, job.peak_memory_mb = p.step, p.loss, p.eta, p.memory_mb
             if p.loss is not None and (not job.loss_history or job.loss_history[-1][1] != p.loss):
                 job.loss_history.append((p.step, p.loss))
             if state is not None:
@@ -315,6 +315,7 @@ class TrainService:
                           caption_provider=self.caption_provider, latent_cache_dir=self.latent_cache_dir,
                           parallel=self.parallel)
         result = trainer.run(resume_from=spec.resume_from)
+        job.peak_memory_mb = result.peak_memory_mb
         if self.parallel is not None and not self.parallel.is_main:
             return result
         keep = spec.keep_checkpoints if spec.keep_checkpoints is not None else self.settings().get("keep_checkpoints")

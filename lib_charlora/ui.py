@@ -16,6 +16,7 @@ from PIL import Image
 
 from .engine.dataset import DatasetError, load_folder, load_uploads
 from .engine.errors import CharLoraError, ConfigError
+from .engine.memory import memory_text
 
 GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -508,6 +509,8 @@ def _status_html(job, bar=True):
             parts.append(f"loss {job.loss:.4f}")
         if job.eta_seconds is not None and bar:
             parts.append(f"ETA {_duration(job.eta_seconds)}")
+        if job.kind == "train" and job.peak_memory_mb is not None:
+            parts.append(f"memory {memory_text(job.peak_memory_mb)}")
         head = " · ".join(parts)
     elif job.status == "done" and job.kind == "train" and job.step < job.total_steps:
         head = f"Stopped at step {job.step}/{job.total_steps} and saved"
@@ -526,6 +529,9 @@ def _status_html(job, bar=True):
         out += message(job.error)
     if job.lora_path:
         out += f"<p>Saved <code>{html.escape(job.lora_path)}</code></p>"
+    if job.kind == "train" and job.status not in ("queued", "running") and job.peak_memory_mb is not None:
+        out += (f"<p class='charlora-memory'>Peak memory of the training beyond the loaded model: "
+                f"{memory_text(job.peak_memory_mb)}</p>")
     out += "".join(message(w, "warning") for w in job.warnings)
     return out
 

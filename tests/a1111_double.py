@@ -195,7 +195,9 @@ class DiffusionEngine(_Latents):
         return self.model.diffusion_model(x, timesteps=t, context=cond["crossattn"], y=cond["vector"])
 
 
-def make_sd_model(arch="sd1", prediction="eps", seed=0, text_embedders=2, conditioning_key="crossattn", opts=None):
+def make_sd_model(arch="sd1", prediction="eps", seed=0, text_embedders=2, conditioning_key="crossattn", opts=None,
+                  unet=None, text_width=32):
+    """``unet``, ``text_width``: another SD1 ldm UNet and CLIP width (benchmarks/train_speed.py: full size)."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     opts = opts or types.SimpleNamespace(CLIP_stop_at_last_layers=1)
@@ -206,7 +208,7 @@ def make_sd_model(arch="sd1", prediction="eps", seed=0, text_embedders=2, condit
         m = LatentDiffusion(tiny_ldm_unet("sd2"), HijackedOpenCLIP(FrozenOpenCLIPEmbedder(tok, 32)), tiny_vae(),
                             prediction, conditioning_key)
     else:
-        m = LatentDiffusion(tiny_ldm_unet("sd1"), HijackedCLIP(FrozenCLIPEmbedder(tok, 32), opts), tiny_vae(),
+        m = LatentDiffusion(unet or tiny_ldm_unet("sd1"), HijackedCLIP(FrozenCLIPEmbedder(tok, text_width), opts), tiny_vae(),
                             prediction, conditioning_key)
     m.is_sdxl, m.is_sd2, m.is_sd1 = arch == "sdxl", arch == "sd2", arch == "sd1"
     m.is_sd3 = m.is_ssd = False

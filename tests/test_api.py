@@ -68,6 +68,7 @@ def test_train_and_poll(webui):
     assert job["status"] == "done" and job["step"] == job["total_steps"] == 3 and job["error"] is None
     assert job["lora_name"] == "pip" and os.path.isfile(job["lora_path"])
     assert job["lora_path"] == str(webui.lora_dir / "pip.safetensors")
+    assert isinstance(job["peak_memory_mb"], float) and job["peak_memory_mb"] >= 0  # measured (engine.memory)
     assert sorted(os.listdir(webui.lora_dir)) == ["pip.json", "pip.preview.png", "pip.safetensors"]
     assert ("list_available_networks",) in webui.nets.calls  # the Lora list is refreshed in-process
     assert webui.state.job_count == 3 and webui.state.job_no == 3 and "step 3/3" in webui.state.textinfo

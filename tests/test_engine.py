@@ -167,6 +167,23 @@ def test_progress_and_loss_reads(host, images, tmp_path):
     assert [s for s, _ in result.loss_history] == [1, 4, 7]  # loss is read back only every log_every steps
     assert all(math.isfinite(v) and v > 0 for _, v in result.loss_history)
     assert seen[-1].lr == pytest.approx(1e-3)
+    # the peak memory beyond the loaded model is reported as it grows and at the end
+    assert all(p.memory_mb is not None and p.memory_mb >= 0 for p in seen)
+    assert [p.memory_mb for p in seen] == sorted(p.memory_mb for p in seen)
+    assert result.peak_memory_mb >= seen[-1].memory_mb
+
+
+def test_peak_memory_sees_an_allocation_and_only_the_peak():
+    from lib_charlora.engine.memory import PeakMemory, memory_text
+    with PeakMemory("cpu") as mem:
+        block = torch.ones(64, 2 ** 20)  # 256 MB, written (resident)
+        during = mem.peak_mb()
+        del block
+    assert 240 < during < 400 and mem.final_mb >= during  # freed afterwards: the peak stays
+    with PeakMemory("cpu") as small:
+        torch.ones(2 ** 10).sum()
+    assert small.final_mb < 50
+    assert memory_text(840.4) == "840 MB" and memory_text(1536) == "1.5 GB"
 
 
 # -- determinism, checkpoints, resume ----------------------------------------------------------------

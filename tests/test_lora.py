@@ -49,6 +49,7 @@ def test_lora_matches_peft(conv):
     net.detach()
     assert not torch.allclose(expected, plain)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got - plain, lora(x), rtol=1e-5, atol=1e-6)  # the hook's inline math = the module's
     torch.testing.assert_close(base(x), plain, rtol=0, atol=0)
     # peft's scale is alpha / r, as ours
     assert lora.scale == peft_layer.scaling["a"] == 6 / 4

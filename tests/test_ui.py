@@ -30,6 +30,7 @@ class StubService:
         self.calls.append((body, files, task_id))
         images = [NS(name=n) for n, _, _ in files or []]
         return NS(id="1", kind="train", status="done", step=3, total_steps=3, loss=0.5, eta_seconds=0.0, error=None,
+                  peak_memory_mb=1536.0,
                   lora_path=None, lora_name=body["name"], warnings=[], spec=NS(config=NS(trigger="t"), images=images),
                   loss_history=[(1, 0.9), (3, 0.5)], cancel=NS(requested=False, save=True))
 
@@ -113,6 +114,7 @@ def test_tab_builds_and_is_wired(tmp_path):
     assert files[0][2] == "pipchr, smiling" and files[1][2] is None
     job_id, status, loss, preview, result, download, train_b, stop_b, cancel_b = out[-1]
     assert "Done: 3 steps" in status and "data-points='2'" in loss
+    assert "Peak memory of the training beyond the loaded model: 1.5 GB" in status
     assert train_b["interactive"] is True and stop_b["interactive"] is False  # finished: Train again, no Stop
     assert out[0][6]["interactive"] is False and out[0][7]["interactive"] is True  # while it runs
     assert "5 pictures have no row in the caption table" in out[-1][1]

@@ -23,6 +23,7 @@ from . import trainset
 from .parallel import SINGLE
 from .errors import CharLoraError, ConfigError
 from .lora import LoRANetwork
+from .memory import PeakMemory
 from .optim import choose_precision, make_optimizer, make_scheduler, require_optimizer
 
 STATE_VERSION = 1
@@ -36,6 +37,7 @@ class Progress:
     lr: float
     elapsed: float
     eta: Optional[float]
+    memory_mb: Optional[float] = None   # peak memory so far beyond the loaded model (engine.memory)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class TrainResult:
     checkpoints: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
+    peak_memory_mb: Optional[float] = None   # beyond the loaded model: CUDA allocated, else resident memory
 
 
 class CancelToken:
@@ -119,9 +122,11 @@ class Trainer:
         t0 = time.perf_counter()
         fork_devices = [host.device] if host.device.type == "cuda" else []
         self._final = None
-        with torch.random.fork_rng(devices=fork_devices), host.session(cfg.train_text_encoder):
+        with torch.random.fork_rng(devices=fork_devices), host.session(cfg.train_text_encoder), \
+                PeakMemory(host.device) as self.memory:
             torch.manual_seed(cfg.seed)
             result = self._train(state)
+        result.peak_memory_mb = self.memory.final_mb
         if self._final is not None and self.parallel.is_main:  # once the model is restored (a failed restore writes nothing)
             tensors, preview = self._final
             result.metadata = self._metadata(result.steps_done)
@@ -217,7 +222,7 @@ class Trainer:
                     if scaler:
                         scaler.unscale_(optimizer)
                     if cfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm, foreach=True)
                     if scaler:
                         scaler.step(optimizer)
                         scaler.update()
@@ -240,7 +245,8 @@ class Trainer:
                         elapsed = time.perf_counter() - t_start
                         eta = elapsed / steps_this_run * (cfg.steps - step)
                         self.progress(Progress(step, cfg.steps, history[-1][1] if history else None,
-                                               optimizer.param_groups[0]["lr"], elapsed, eta))
+                                               optimizer.param_groups[0]["lr"], elapsed, eta,
+                                               self.memory.peak_mb()))
                     main = self.parallel.is_main  # one process writes files and draws previews
                     if main and cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
                         image = self._sample()
