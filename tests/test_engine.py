@@ -228,6 +228,26 @@ def test_resume_equals_uninterrupted(images, tmp_path):
 
 # -- schedules, checkpointing, precision ------------------------------------------------------------------
 
+def test_adamw_is_fused_where_torch_has_it_else_multi_tensor(monkeypatch):
+    from lib_charlora.engine.optim import make_optimizer
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer("adamw", [{"params": [p], "lr": 1e-3}], 0.01, torch.device("cpu"))
+    assert opt.defaults["fused"] is True  # torch 2.13 has a fused CPU kernel
+
+    class Torch21AdamW(torch.optim.AdamW):  # torch < 2.4 refuses fused off CUDA (A1111 1.10 ships 2.1.2)
+        def __init__(self, params, *args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices: ['cuda']")
+            super().__init__(params, *args, fused=fused, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", Torch21AdamW)
+    opt = make_optimizer("adamw", [{"params": [p], "lr": 1e-3}], 0.01, torch.device("cpu"))
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    p.grad = torch.ones(3)
+    opt.step()
+    assert (p < 0).all()
+
+
 def test_lr_schedules():
     const = lr_lambda("constant", 100, warmup_steps=10)
     assert [const(s) for s in (0, 5, 10, 99)] == [0, 0.5, 1, 1]
