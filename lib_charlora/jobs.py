@@ -2,6 +2,7 @@
 (trainings and evaluations alike),
 each job run under the host's lock (A1111's ``queue_lock``: generations wait, the checkpoint
 cannot be switched mid-training), with status, progress, stop-and-save and cancel."""
+import errno
 import itertools
 import threading
 import time
@@ -109,8 +110,10 @@ class JobRunner:
             return self._cv.wait_for(lambda: self._thread is None, timeout)
 
     def _trim(self):
+        """Forget the oldest finished jobs beyond ``keep`` (a number, or a callable giving it); files stay."""
+        keep = self._keep() if callable(self._keep) else self._keep
         done = [j for j in self._jobs.values() if j.status not in ("queued", "running")]
-        for j in done[:max(0, len(self._jobs) - self._keep)]:
+        for j in done[:max(0, len(self._jobs) - keep)]:
             self._jobs.pop(j.id, None)
 
     def _work(self):
@@ -140,8 +143,13 @@ class JobRunner:
                 job.error = f"{type(e).__name__}: {e}"
                 if "out of memory" in str(e).lower():
                     job.error += " — try the Fast preset, a lower resolution or batch size, or gradient checkpointing"
+                elif getattr(e, "errno", None) == errno.ENOSPC or "no space left on device" in str(e).lower():
+                    job.error = f"the disk is full ({job.error}); free some space and train again"
                 traceback.print_exc()
             finally:
+                for heavy in ("images", "references"):  # the decoded pictures: a finished job keeps only its record
+                    if isinstance(getattr(job.spec, heavy, None), list):
+                        setattr(job.spec, heavy, [])
                 job.finished_at = time.time()
                 with self._cv:
                     self._cv.notify_all()

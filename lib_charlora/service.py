@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 from .engine import TrainConfig, export
 from .engine.config import validate_name
-from .engine.dataset import DatasetError, load_folder, load_uploads
+from .engine.dataset import DatasetError, TooManyPictures, load_folder, load_uploads
 from .engine.embedders import DEFAULT_CLIP, load_clip, load_face_embedder
 from .engine.errors import CharLoraError, ConfigError, UnsupportedModelError
 from .engine.evaluate import EvalConfig, Evaluator, find_checkpoints
 from .engine.presets import preset
 from .engine.trainer import Trainer
 from .jobs import JobRunner
+from . import limits
 
 # request field -> (TrainConfig field, type check)
 _NUMERIC = {"steps": int, "rank": int, "alpha": (int, float), "learning_rate": (int, float),
@@ -81,10 +82,22 @@ class TrainService:
         self.tasks = tasks  # the WebUI's progress module: add_task_to_queue / start_task / finish_task
         self.settings = settings or (lambda: {})
         self.latent_cache_dir, self.caption_provider = latent_cache_dir, caption_provider
-        self.runner = JobRunner(self._run, lock)
+        self.runner = JobRunner(self._run, lock, keep=lambda: self.limits()["jobs_kept"])
         self._submitting = threading.Lock()
+        folders = [lora_dir]
+        try:
+            folders.append(self.lora_dir)  # the Settings' sub-folder
+        except Exception:  # noqa: BLE001 - a bad sub-folder is refused when a training is sent
+            pass
+        # a save a killed process left unfinished (one process of a parallel run writes files, and cleans)
+        main = parallel is None or parallel.is_main
+        self.removed_temporaries = _remove_stale_temporaries(dict.fromkeys(folders)) if main else []
 
     # -- requests ----------------------------------------------------------------------------------
+    def limits(self):
+        """What one request may carry (``limits.LIMITS``), from the Settings."""
+        return limits.values(self.settings())
+
     def parse(self, body, files=None, intake=None):
         """JSON body -> TrainSpec, or ConfigError / DatasetError naming the problem.
 
@@ -131,7 +144,11 @@ class TrainService:
         elif files is not None:
             if body.get("images") is not None or body.get("image_dir") is not None:
                 raise ConfigError("images", "give either uploaded pictures or a folder, not both")
-            images, report = _usable(*load_uploads(files, cfg.resolution))
+            limit = self.limits()
+            self._check_count(len(files), limit)
+            self._check_captions([c for _, _, c in files], limit)
+            images, report = _usable(*load_uploads(files, cfg.resolution,
+                                                   max_pixels=limit["max_megapixels"] * 10**6))
         else:
             images, report = self._intake(body, cfg.resolution)
         report["warnings"] = notes + list(report["warnings"])
@@ -153,27 +170,54 @@ class TrainService:
         has_images, has_dir = body.get("images") is not None, body.get("image_dir") is not None
         if has_images == has_dir:
             raise ConfigError("images", "give either 'images' (base64 pictures) or 'image_dir' (a folder on the server)")
+        limit = self.limits()
         if has_dir:
-            if not isinstance(body["image_dir"], str):
+            if not isinstance(body["image_dir"], str) or not body["image_dir"] or "\0" in body["image_dir"]:
                 raise ConfigError("image_dir", "must be a folder path")
             if body.get("captions") is not None:
                 raise ConfigError("captions", "captions go with 'images'; a folder uses .txt sidecar files")
             try:
-                images, report = load_folder(body["image_dir"], resolution)
+                images, report = load_folder(body["image_dir"], resolution, max_pixels=limit["max_megapixels"] * 10**6,
+                                             max_pictures=limit["max_pictures"])
+            except TooManyPictures as e:
+                raise limits.over("max_pictures", "image_dir", f"more than {e.limit} pictures in the folder",
+                                  e.limit) from e
             except DatasetError as e:
                 raise ConfigError("image_dir", str(e)) from e
         else:
             pics = body["images"]
             if not isinstance(pics, list) or not pics:
                 raise ConfigError("images", "must be a non-empty list of base64-encoded pictures")
+            self._check_count(len(pics), limit)
             caps = body.get("captions")
             if caps is not None and (not isinstance(caps, list) or len(caps) != len(pics)
                                      or not all(c is None or isinstance(c, str) for c in caps)):
                 raise ConfigError("captions", f"must be a list of {len(pics)} strings (or nulls), one per picture")
             caps = caps or [None] * len(pics)
-            files = [(f"image {i + 1}", _b64(p, i), c) for i, (p, c) in enumerate(zip(pics, caps))]
-            images, report = load_uploads(files, resolution)
+            self._check_captions(caps, limit)
+            files, total = [], 0
+            for i, (p, c) in enumerate(zip(pics, caps)):
+                data = _b64(p, i)
+                total += len(data)
+                if total > limit["max_decoded_mb"] * 2**20:
+                    raise limits.over("max_decoded_mb", "images", f"{total / 2**20:.0f} MB of picture data by "
+                                      f"picture {i + 1}", limit["max_decoded_mb"], 413)
+                _check_pixels(data, i, limit)
+                files.append((f"image {i + 1}", data, c))
+            images, report = load_uploads(files, resolution, max_pixels=limit["max_megapixels"] * 10**6)
         return _usable(images, report)
+
+    @staticmethod
+    def _check_count(count, limit):
+        if count > limit["max_pictures"]:
+            raise limits.over("max_pictures", "images", f"{count} pictures", limit["max_pictures"])
+
+    @staticmethod
+    def _check_captions(captions, limit):
+        for i, c in enumerate(captions):
+            if c is not None and len(c) > limit["max_caption_chars"]:
+                raise limits.over("max_caption_chars", f"captions[{i}]", f"a caption of {len(c)} characters",
+                                  limit["max_caption_chars"])
 
     def submit(self, body, files=None, task_id=None):
         spec = self.parse(body, files)
@@ -325,7 +369,10 @@ class TrainService:
             _keep_references(self._references_dir(spec.config.name), spec.images)
         job.warnings += [w for w in trainer.warnings + list(getattr(host, "warnings", ())) if w not in job.warnings]
         if result.path:
-            note = getattr(host, "refresh_lora_list", lambda: None)()
+            try:
+                note = getattr(host, "refresh_lora_list", lambda: None)()
+            except Exception as e:  # noqa: BLE001 - the file is written: the job keeps it and says what to do
+                note = f"the Lora list was not refreshed ({type(e).__name__}: {e}); press Refresh on the Lora cards"
             if note:
                 job.warnings.append(note)
         return result
@@ -391,6 +438,26 @@ def _read_references(directory):
     return out
 
 
+def _check_pixels(data, index, limit):
+    """A picture over the pixel limit is refused from its header, before it is decoded."""
+    import io
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise limits.over("max_megapixels", f"images[{index}]", "a picture", limit["max_megapixels"]) from None
+    except Exception:
+        return  # not a picture: the intake report says so
+    if w * h > limit["max_megapixels"] * 10**6:
+        raise limits.over("max_megapixels", f"images[{index}]", f"{w}x{h} = {w * h / 1e6:.0f} megapixels",
+                          limit["max_megapixels"])
+
+
 def _kind(arch, prediction):
     return {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[arch] + (" v-prediction" if prediction == "v" else "")
 
@@ -399,6 +466,39 @@ def _usable(images, report):
     if report.errors:
         raise DatasetError("; ".join(report.errors), report)
     return images, report.to_dict()
+
+
+TEMPORARY_SUFFIXES = (".safetensors.tmp", ".preview.png.tmp", ".json.tmp", ".state.tmp")
+
+
+def _remove_stale_temporaries(folders):
+    """Our own temporary files (``<x>.safetensors.tmp``, ``<x>.preview.png.tmp``, ``<x>.json.tmp``,
+    ``<x>.state.tmp``) that a process killed while saving left in the Lora folders and their
+    ``<name>_checkpoints`` folders; nothing else is touched. -> the removed paths."""
+    removed = []
+
+    def files(folder):
+        try:
+            with os.scandir(folder) as it:
+                return list(it)
+        except OSError:
+            return []
+    for folder in folders:
+        entries = files(folder)
+        entries += [e for d in entries if d.name.endswith("_checkpoints") and d.is_dir(follow_symlinks=False)
+                    for e in files(d.path)]
+        for e in entries:
+            suffix = next((s for s in TEMPORARY_SUFFIXES if e.name.endswith(s)), None)
+            if suffix and len(e.name) > len(suffix) and e.is_file(follow_symlinks=False):
+                try:
+                    os.remove(e.path)
+                    removed.append(e.path)
+                except OSError:
+                    pass
+    if removed:
+        print(f"Character LoRA: removed {len(removed)} unfinished file(s) an interrupted save left: "
+              + ", ".join(removed), flush=True)
+    return removed
 
 
 def _remove_checkpoints(directory, name):

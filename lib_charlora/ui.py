@@ -94,24 +94,33 @@ def uploads(files):
     return out
 
 
-def read_pictures(files, folder, resolution):
+def read_pictures(files, folder, resolution, folder_refusal=None):
     """-> (images, report) from the upload list or the folder path."""
     given = uploads(files)
     folder = (folder or "").strip()
     if given and folder:
         raise ConfigError("images", "choose either uploaded pictures or a server folder, not both")
     if folder:
+        check_folder(folder_refusal)
         return load_folder(folder, int(resolution))
     if not given:
         raise ConfigError("images", "add pictures (or give a folder on the server)")
     return load_uploads([(n, b, None) for n, b in given], int(resolution))
 
 
-def create_tab(service, model_info=lambda: "no checkpoint information", captioners=None, standalone=False):
+def check_folder(folder_refusal):
+    why = folder_refusal() if folder_refusal is not None else None
+    if why:
+        raise ConfigError("image_dir", why)
+
+
+def create_tab(service, model_info=lambda: "no checkpoint information", captioners=None, standalone=False,
+               folder_refusal=None):
     """Build the tab's Blocks. ``service``: a ``TrainService``; ``model_info()``: the loaded checkpoint as
     text; ``captioners``: {"BLIP": fn(image) -> str, ...} (the WebUI's interrogators; none = no button);
     ``standalone``: served on its own (``python -m lib_charlora ui``): a download link instead of
-    "Use in txt2img", and the tab's own progress bar instead of the WebUI's."""
+    "Use in txt2img", and the tab's own progress bar instead of the WebUI's; ``folder_refusal()``: None,
+    or why server folders may not be read from this tab (a networked WebUI without credentials)."""
     captioners = dict(captioners or {})
     with gr.Blocks(analytics_enabled=False) as tab:
         job_state = gr.State(None)
@@ -183,7 +192,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
         def on_check(files_, folder_, table, trigger_, preset_, use_adv, res):
             try:
                 resolution = resolution_for(preset_, use_adv, res)
-                images, report = read_pictures(files_, folder_, resolution)
+                images, report = read_pictures(files_, folder_, resolution, folder_refusal)
             except (CharLoraError, DatasetError) as e:
                 return _error(e), gr.update(), gr.update(), gr.update(), ""  # typed captions stay
             thumbs = []
@@ -228,6 +237,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
                         body[field] = int(value) if kind == "int" else float(value)
                     body["train_text_encoder"] = bool(te)
                 if (folder_ or "").strip():
+                    check_folder(folder_refusal)
                     body["image_dir"] = folder_.strip()
                     job = service.submit(body, task_id=task_id or None)
                 else:
@@ -273,7 +283,7 @@ def create_tab(service, model_info=lambda: "no checkpoint information", captione
             if fn is None:
                 return table, message("No interrogator is available.")
             try:
-                images, _ = read_pictures(files_, folder_, resolution_for(preset_, use_adv, res))
+                images, _ = read_pictures(files_, folder_, resolution_for(preset_, use_adv, res), folder_refusal)
             except (CharLoraError, DatasetError) as e:
                 return table, _error(e)
             given = _captions_from_table(table)

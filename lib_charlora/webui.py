@@ -6,6 +6,8 @@ reForge (``hosts/reforge.py``) or A1111 (``hosts/a1111.py``); nothing else asks 
 """
 import os
 
+from .limits import LIMITS
+
 _service = None
 
 
@@ -52,10 +54,29 @@ def model_info():
     return adapter().model_info()
 
 
+def non_local():
+    """Whether the WebUI is reachable from the network (A1111's own test for extension installs)."""
+    from modules import shared
+    o = shared.cmd_opts
+    flag = getattr(o, "webui_is_non_local", None)
+    if flag is None:  # older WebUIs compute only disable_extension_access
+        flag = any(getattr(o, k, None) for k in ("share", "listen", "ngrok", "server_name"))
+    return bool(flag)
+
+
+def folder_refusal(channel):
+    """None, or why a server folder may not be read through ``channel`` ("api" or "tab")."""
+    from modules import shared
+    from .limits import folder_refusal as refusal
+    auth = getattr(shared.cmd_opts, "api_auth" if channel == "api" else "gradio_auth", None)
+    return refusal(non_local(), bool(auth), bool(getattr(shared.opts, "charlora_allow_server_folders", False)),
+                   channel)
+
+
 def on_app_started(_demo, app):
     from modules import shared
     from . import api
-    api.register(app, service(), getattr(shared.cmd_opts, "api_auth", None))
+    api.register(app, service(), getattr(shared.cmd_opts, "api_auth", None), lambda: folder_refusal("api"))
 
 
 def captioners():
@@ -94,7 +115,7 @@ def captioners():
 
 def on_ui_tabs():
     from . import ui
-    tab = ui.create_tab(service(), model_info, captioners())
+    tab = ui.create_tab(service(), model_info, captioners(), folder_refusal=lambda: folder_refusal("tab"))
     return [(tab, "Character LoRA", "charlora")]
 
 
@@ -109,7 +130,8 @@ def settings():
             "subfolder": getattr(o, "charlora_subfolder", ""),
             "keep_checkpoints": bool(getattr(o, "charlora_keep_checkpoints", False)),
             "clip_model": (getattr(o, "charlora_clip_model", "") or "").strip(),
-            "test_after_training": bool(getattr(o, "charlora_test_after_training", True))}
+            "test_after_training": bool(getattr(o, "charlora_test_after_training", True)),
+            **{limit.key: getattr(o, "charlora_" + limit.key, limit.default) for limit in LIMITS}}
 
 
 def on_ui_settings():
@@ -128,3 +150,11 @@ def on_ui_settings():
     add("charlora_clip_model", shared.OptionInfo("openai/clip-vit-large-patch14", "CLIP model for the identity and "
                                                  "prompt-fidelity scores (downloaded once on first use)",
                                                  section=SECTION))
+    add("charlora_allow_server_folders", shared.OptionInfo(
+        False, "Allow training from server folders on a networked WebUI without credentials (--listen, --share or "
+               "--server-name without --api-auth / --gradio-auth: anyone who reaches it can read the server's "
+               "pictures)", section=SECTION))
+    for limit in LIMITS:
+        add("charlora_" + limit.key, shared.OptionInfo(limit.default, limit.label, gr.Number,
+                                                        {"minimum": limit.low, "maximum": limit.high, "precision": 0},
+                                                        section=SECTION))

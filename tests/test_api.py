@@ -89,7 +89,7 @@ def test_train_and_poll(webui):
     (_body(steps="10"), "steps", "integer"),
     (_body(rank=0), "rank", ">= 1"),
     (_body(learning_rate=-1), "learning_rate", ">"),
-    (_body(preset="turbo"), "preset", "unknown preset"),
+    (_body(preset="turbo"), "preset", "choose one of"),
     (_body(colour="red"), "colour", "unknown field"),
     (_body(image_dir="/tmp"), "images", "either"),
     (_body(images=["%%%"]), "images[0]", "base64"),
@@ -210,13 +210,24 @@ def test_webui_settings_registration(monkeypatch):
     monkeypatch.setitem(sys.modules, "modules.shared", shared)
     from lib_charlora import webui
     webui.on_ui_settings()
+    from lib_charlora.limits import LIMITS, SECTION_NAME
     assert set(added) == {"charlora_default_preset", "charlora_subfolder", "charlora_keep_checkpoints",
-                          "charlora_test_after_training", "charlora_clip_model"}
+                          "charlora_test_after_training", "charlora_clip_model", "charlora_allow_server_folders",
+                          *(f"charlora_{limit.key}" for limit in LIMITS)}
     assert all(i.section == ("charlora", "Character LoRA") for i in added.values())
+    assert SECTION_NAME.endswith(added["charlora_default_preset"].section[1])  # the messages name the real section
+    for limit in LIMITS:  # the label a limit's message names is the setting's label
+        assert added[f"charlora_{limit.key}"].label == limit.label and added[f"charlora_{limit.key}"].default == limit.default
     opts.charlora_default_preset, opts.charlora_subfolder, opts.charlora_keep_checkpoints = "Quality", "x", True
     opts.charlora_test_after_training, opts.charlora_clip_model = False, " my/clip "
-    assert webui.settings() == {"default_preset": "quality", "subfolder": "x", "keep_checkpoints": True,
-                                "clip_model": "my/clip", "test_after_training": False}
+    opts.charlora_max_pictures = 40.0  # gr.Number may give a float
+    settings = webui.settings()
+    assert {k: settings[k] for k in ("default_preset", "subfolder", "keep_checkpoints", "clip_model",
+                                     "test_after_training")} == {
+        "default_preset": "quality", "subfolder": "x", "keep_checkpoints": True, "clip_model": "my/clip",
+        "test_after_training": False}
+    from lib_charlora import limits
+    assert limits.values(settings)["max_pictures"] == 40 and limits.values(settings)["jobs_kept"] == 100
 
 
 def test_sample_every_shows_live_previews(tmp_path):

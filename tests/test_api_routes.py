@@ -11,7 +11,7 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lib_charlora import api  # noqa: E402
+from lib_charlora import api, limits  # noqa: E402
 from lib_charlora.engine.dataset import DatasetError  # noqa: E402
 from lib_charlora.engine.errors import ConfigError, UnsupportedModelError  # noqa: E402
 
@@ -41,12 +41,16 @@ class StubJob:
         self.id, self.warnings, self.stopped = job_id, ["a warning"], None
 
     def to_dict(self):
-        return {"job_id": self.id, "status": "queued", "stopped": self.stopped}
+        return {"job_id": self.id, "kind": "train", "status": "queued", "step": 0, "total_steps": 10,
+                "warnings": self.warnings}
 
 
 class StubService:
     def __init__(self):
         self.runner = StubRunner()
+
+    def limits(self):
+        return limits.values({})
 
     def submit(self, body):
         name = body.get("name")
@@ -70,7 +74,8 @@ class StubService:
     def promote(self, body):
         if body.get("checkpoint") is None:
             raise ConfigError("checkpoint", "is not an intermediate checkpoint")
-        return {"lora": body["lora"], "ss_steps": "4"}
+        return {"lora": body["lora"], "path": "/loras/pip.safetensors", "ss_steps": "4",
+                "promoted_from": body["checkpoint"], "preferred_weight": 1.0, "warnings": []}
 
 
 def _client(api_auth=None):
@@ -91,10 +96,15 @@ def test_routes_answer_and_refuse_with_the_field():
     client, service = _client()
     r = client.post("/charlora/v1/train", json={"name": "pip"})
     assert r.status_code == 200 and r.json() == {"job_id": "j1", "warnings": ["a warning"]}
-    assert client.get("/charlora/v1/jobs").json() == {"jobs": [{"job_id": "j1", "status": "queued", "stopped": None}]}
-    assert client.get("/charlora/v1/jobs/j1").json()["job_id"] == "j1"
-    assert client.post("/charlora/v1/jobs/j1/stop", json={"save": False}).json()["stopped"] is False
-    assert client.post("/charlora/v1/jobs/j1/stop").json()["stopped"] is True  # no body: stop and save
+    job = {"job_id": "j1", "kind": "train", "status": "queued", "step": 0, "total_steps": 10, "loss": None,
+           "eta_seconds": None, "peak_memory_mb": None, "lora_name": None, "lora_path": None,
+           "warnings": ["a warning"], "error": None, "result": None}
+    assert client.get("/charlora/v1/jobs").json() == {"jobs": [job]}
+    assert client.get("/charlora/v1/jobs/j1").json() == job
+    assert client.post("/charlora/v1/jobs/j1/stop", json={"save": False}).json() == job
+    assert service.runner.jobs["j1"].stopped is False
+    assert client.post("/charlora/v1/jobs/j1/stop").status_code == 200  # no body: stop and save
+    assert service.runner.jobs["j1"].stopped is True
     r = client.post("/charlora/v1/jobs/j1/stop", json={"save": "no"})
     assert r.status_code == 422 and r.json()["field"] == "save"
     assert client.get("/charlora/v1/jobs/nope").status_code == 404
@@ -112,7 +122,7 @@ def test_routes_answer_and_refuse_with_the_field():
     r = client.post("/charlora/v1/evaluate", json={"lora": "missing"})
     assert r.status_code == 422 and r.json()["field"] == "lora"
     assert client.post("/charlora/v1/promote", json={"lora": "pip", "checkpoint": "pip-step000004.safetensors"}
-                       ).json() == {"lora": "pip", "ss_steps": "4"}
+                       ).json()["ss_steps"] == "4"
     r = client.post("/charlora/v1/promote", json={"lora": "pip"})
     assert r.status_code == 422 and r.json()["field"] == "checkpoint"
 

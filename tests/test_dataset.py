@@ -273,3 +273,42 @@ def test_colour_profiles():
     im.save(buf, format="PNG", icc_profile=b"not a profile at all")
     rgb, _, notes = _decode(buf.getvalue())
     assert rgb.size == (64, 64) and any("colour profile could not be applied" in n for n in notes)
+
+
+def test_no_link_is_followed_out_of_the_folder(tmp_path):
+    """A request names a folder; links in it must not read the server's other files into a LoRA (a caption
+    file linked to a secret would land in the LoRA's metadata)."""
+    root, outside = tmp_path / "pics", tmp_path / "elsewhere"
+    for i in range(5):
+        _write(root / f"img{i}.png", _png(_photo(60 + i, (256, 256))))
+    _write(outside / "secret.png", _png(_photo(70, (256, 256))))
+    _write(outside / "secret.txt", b"password=hunter2")
+    _write(outside / "2_more" / "m.png", _png(_photo(71, (256, 256))))
+    os.symlink(outside / "secret.png", root / "linked.png")                 # a picture outside
+    os.symlink(outside / "secret.txt", root / "img0.txt")                   # a caption file outside
+    os.symlink(outside / "2_more", root / "2_more")                         # a repeats folder outside
+    os.symlink(root / "img1.png", root / "inside.png")                      # a link within the folder: fine
+    _write(root / "3_sub" / "a.png", _png(_photo(72, (256, 256))))
+    os.symlink(outside / "secret.png", root / "3_sub" / "b.png")            # outside, one level down
+
+    images, report = load_folder(str(root), resolution=256)
+    fates = {f.name: f for f in report.files}
+    for name in ("linked.png", "2_more/", "3_sub/b.png"):
+        assert not fates[name].accepted and "outside the folder" in fates[name].reason
+    assert fates["inside.png"].accepted and fates["3_sub/a.png"].accepted
+    by_name = {im.name: im for im in images}
+    assert by_name["img0.png"].caption is None  # the linked caption was not read
+    assert any("outside the folder" in w for w in fates["img0.png"].warnings)
+    assert not any("hunter2" in (im.caption or "") for im in images)
+    assert sorted(by_name) == ["3_sub/a.png", "img0.png", "img1.png", "img2.png", "img3.png", "img4.png",
+                               "inside.png"]
+
+
+def test_too_many_pictures_in_a_folder_stop_the_scan(tmp_path):
+    from lib_charlora.engine.dataset import TooManyPictures
+    for i in range(4):
+        _write(tmp_path / f"{i}.png", b"not even decoded")
+    with pytest.raises(TooManyPictures) as e:
+        load_folder(str(tmp_path), max_pictures=3)
+    assert e.value.limit == 3
+    assert load_folder(str(tmp_path), max_pictures=4)[1].errors  # 4 fit the limit (and are then rejected)

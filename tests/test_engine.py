@@ -226,6 +226,150 @@ def test_resume_equals_uninterrupted(images, tmp_path):
             resume_from=str(tmp_path / "missing.state"))
 
 
+def _no_unpickling(monkeypatch):
+    """Make every way to unpickle fail loudly, so a test sees any use of it."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something unpickled")
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.serialization, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+
+
+def test_state_file_is_safetensors_and_resume_never_unpickles(images, tmp_path, monkeypatch):
+    import json
+    import safetensors
+    from lib_charlora.engine.trainer import STATE_VERSION
+    kw = dict(steps=2, dropout=0.1, flip=True, scheduler="cosine", seed=3)
+    full = Trainer(warm(tiny_host("ldm", "sd1")), _cfg(name="sf", save_every=1, **kw), images, str(tmp_path))
+    result = full.run()
+    state = result.checkpoints[0]
+    assert os.path.basename(state) == "sf-step000001.state" and not any(
+        f.endswith(".tmp") for f in os.listdir(tmp_path / "sf_checkpoints"))
+    with safetensors.safe_open(state, "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        assert meta["format"] == "charlora-train-state" and meta["version"] == str(STATE_VERSION) == "2"
+        body = json.loads(meta["state"])
+        assert body["step"] == 1 and body["num_images"] == len(images) and body["version"] == STATE_VERSION
+        assert body["fingerprint"]["rank"] == 4 and body["sampler"]["pos"] >= 1
+        network = full.network.state_dict()
+        assert {k: v["$tensor"] for k, v in body["network"].items()} == {k: f"network/{k}" for k in network}
+        assert f.get_tensor("generator").dtype == torch.uint8 and f.get_tensor("torch_rng").dtype == torch.uint8
+        groups = body["optimizer"]["param_groups"]
+        assert groups[0]["betas"] == {"$tuple": [0.9, 0.999]} and groups[0]["params"] == list(range(len(network)))
+        assert "optimizer/state/0/exp_avg" in keys and "optimizer/state/0/step" in keys
+        assert body["scaler"] is None and body["cuda_rng"] is None
+    assert keys == {k for k in keys if k.startswith(("network/", "optimizer/state/"))} | {"generator", "torch_rng"}
+
+    _no_unpickling(monkeypatch)  # resuming reads no pickle: it would raise here
+    resumed = Trainer(warm(tiny_host("ldm", "sd1")), _cfg(name="sf2", **kw), images, str(tmp_path))
+    r2 = resumed.run(resume_from=state)
+    assert r2.status == "done" and r2.steps_done == 2
+    a, b = _lora_weights(full), _lora_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)   # bit-identical continuation
+    assert r2.loss_history == result.loss_history
+
+
+def test_state_file_round_trips_what_load_state_dict_needs(tmp_path):
+    from lib_charlora.engine import statefile
+    from lib_charlora.engine.optim import make_optimizer, make_scheduler
+
+    def make(seed):
+        torch.manual_seed(seed)
+        ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2))]
+        opt = make_optimizer("adamw", [{"params": ps[:1], "lr": 1e-2}, {"params": ps[1:], "lr": 1e-3}], 0.01,
+                             torch.device("cpu"))
+        return ps, opt, make_scheduler(opt, "cosine_with_restarts", 10, 2, 2)
+
+    def train(ps, opt, sched, n):
+        for _ in range(n):
+            (ps[0].square().sum() + ps[1].sin().sum()).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+
+    ps, opt, sched = make(0)
+    train(ps, opt, sched, 3)
+    base = torch.arange(6.0)
+    odd = {"$x": 1, 7: (base, base[:3]), "t": ((1, 2.5), [None, True, float("inf")]), "s": "é"}
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "odd": odd, "started_at": 1.0 / 3}
+    statefile.save(str(tmp_path / "x.state"), state, 9)
+    back = statefile.load(str(tmp_path / "x.state"), 9)
+    assert back["started_at"] == 1.0 / 3 and back["scheduler"] == sched.state_dict()
+    assert back["odd"]["$x"] == 1 and back["odd"]["t"] == ((1, 2.5), [None, True, float("inf")])
+    assert back["odd"]["s"] == "é" and torch.equal(back["odd"][7][0], base)
+    assert torch.equal(back["odd"][7][1], base[:3])
+    o = back["optimizer"]
+    assert o["param_groups"] == opt.state_dict()["param_groups"] and isinstance(o["param_groups"][0]["betas"], tuple)
+    assert set(o["state"]) == {0, 1} and all(torch.equal(o["state"][i][k], v) and o["state"][i][k].dtype == v.dtype
+                                              for i, s in opt.state_dict()["state"].items() for k, v in s.items())
+    ps2, opt2, sched2 = make(1)
+    with torch.no_grad():
+        for p, q in zip(ps2, ps):
+            p.copy_(q)
+    opt2.load_state_dict(o)
+    sched2.load_state_dict(back["scheduler"])
+    train(ps, opt, sched, 4)
+    train(ps2, opt2, sched2, 4)
+    assert all(torch.equal(p, q) for p, q in zip(ps, ps2)) and sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_old_pickled_or_unreadable_state_is_refused(host, images, tmp_path, monkeypatch):
+    import pickle
+    old = tmp_path / "old-step000002.state"
+    torch.save({"version": 1, "fingerprint": _cfg().fingerprint(), "num_images": len(images)}, str(old))
+    plain = tmp_path / "plain.state"
+    plain.write_bytes(pickle.dumps({"version": 1}, protocol=2))
+    junk = tmp_path / "junk.state"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    empty = tmp_path / "empty.state"
+    empty.write_bytes(b"")
+    _no_unpickling(monkeypatch)  # a refusal, never an attempt to read the pickle
+    for path, reason in [(old, "is a pickled file"), (plain, "is a pickled file"), (junk, "not a readable"),
+                         (empty, "not a readable")]:
+        with pytest.raises(ConfigError) as e:
+            Trainer(host, _cfg(name="old"), images, str(tmp_path)).run(resume_from=str(path))
+        assert e.value.field == "resume_from" and reason in str(e.value), str(e.value)
+        assert "resume it with the version of Character LoRA that wrote it, or train again" in str(e.value)
+    assert "never read" in str(pytest.raises(ConfigError, Trainer(host, _cfg(name="old"), images, str(tmp_path)).run,
+                                              resume_from=str(old)).value)
+    assert not os.path.exists(tmp_path / "old.safetensors")
+
+
+def test_state_of_another_version_or_format_is_refused(host, images, tmp_path):
+    import json
+    from safetensors.torch import save_file
+    from lib_charlora.engine.trainer import STATE_VERSION
+    t = {"generator": torch.zeros(4, dtype=torch.uint8)}
+    cases = []
+    for version in ("1", "3"):
+        path = str(tmp_path / f"v{version}.state")
+        save_file(t, path, metadata={"format": "charlora-train-state", "version": version, "state": "{}"})
+        cases.append((path, f"training state of state version {version}, this Character LoRA reads state "
+                            f"version {STATE_VERSION}"))
+    lora = str(tmp_path / "lora.state")  # e.g. the checkpoint's LoRA file given instead of its .state
+    save_file(t, lora, metadata={"ss_network_module": "networks.lora"})
+    cases.append((lora, "not a Character LoRA training state (no format marker, expected 'charlora-train-state')"))
+    other = str(tmp_path / "other.state")
+    save_file(t, other, metadata={"format": "someone-else", "version": str(STATE_VERSION), "state": "{}"})
+    cases.append((other, "format marker 'someone-else'"))
+    broken = str(tmp_path / "broken.state")  # right marker and version, a tensor it names is missing
+    save_file(t, broken, metadata={"format": "charlora-train-state", "version": str(STATE_VERSION),
+                                   "state": json.dumps({"torch_rng": {"$tensor": "torch_rng"}})})
+    cases.append((broken, "'torch_rng' is missing"))
+    partial = str(tmp_path / "partial.state")
+    body = json.dumps({"version": STATE_VERSION, "generator": {"$tensor": "generator"}})
+    save_file(t, partial, metadata={"format": "charlora-train-state", "version": str(STATE_VERSION), "state": body})
+    cases.append((partial, "not a complete Character LoRA training state"))
+    for path, reason in cases:
+        with pytest.raises(ConfigError) as e:
+            Trainer(host, _cfg(name="v"), images, str(tmp_path)).run(resume_from=path)
+        assert e.value.field == "resume_from" and reason in str(e.value), str(e.value)
+
+
 # -- schedules, checkpointing, precision ------------------------------------------------------------------
 
 def test_adamw_is_fused_where_torch_has_it_else_multi_tensor(monkeypatch):

@@ -143,6 +143,43 @@ def test_latent_cache_on_disk(mixed, tmp_path):
         trainset.LatentCache(host, str(tmp_path))  # no model hash: a disk cache could mix models
 
 
+def test_latent_cache_is_safetensors_and_foreign_entries_are_recomputed(mixed, tmp_path, monkeypatch):
+    import os
+    import pickle
+    from safetensors.torch import save_file
+    host = tiny_host("diffusers", "sd1")
+    sample = trainset.build_samples(mixed[:1], _cfg())[0]
+    first = trainset.LatentCache(host, str(tmp_path), model_key="model-a")
+    z = first.get(0, sample, False)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    key = first._key(sample, False)
+    path = str(tmp_path / key[:2] / (key + ".safetensors"))
+    assert files == [path]  # the same cache key, a safetensors file, no temp file left
+    with safetensors.safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "charlora-latent"} and list(f.keys()) == ["latent"]
+        assert torch.equal(f.get_tensor("latent"), z)
+
+    def refuse(*a, **k):
+        raise AssertionError("something unpickled")
+    for mod, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(mod, name, refuse)
+    again = trainset.LatentCache(host, str(tmp_path), model_key="model-a")
+    assert torch.equal(again.get(0, sample, False), z) and again.encoded == 0  # read back, never unpickled
+    foreign = [lambda: monkeypatch.undo() or torch.save(z, path),   # a pickled tensor (the old .pt format)
+               lambda: open(path, "wb").write(b"garbage"),
+               lambda: save_file({"latent": z}, path),               # no marker
+               lambda: save_file({"latent": z.half()}, path, metadata={"format": "charlora-latent"}),
+               lambda: save_file({"other": z}, path, metadata={"format": "charlora-latent"})]
+    for write in foreign:
+        write()
+        for mod, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+            monkeypatch.setattr(mod, name, refuse)
+        cache = trainset.LatentCache(host, str(tmp_path), model_key="model-a")
+        w = cache.get(0, sample, False)
+        assert cache.encoded == 1 and w.shape == z.shape and w.dtype == z.dtype  # ignored and recomputed
+        assert torch.equal(trainset._read_latent(path), w)  # and overwritten with a good entry
+
+
 def test_trainer_reuses_disk_cache(mixed, tmp_path):
     host = warm(tiny_host("diffusers", "sd1"))
     host.model_sha256 = "f" * 64

@@ -184,13 +184,15 @@ def test_under_gradio4():
     if not os.path.exists(venv):
         pytest.fail("the gradio 4 environment is missing: run dev/setup.sh")
     out = subprocess.run([venv, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                          os.path.join(ROOT, "tests", "test_ui.py"), os.path.join(ROOT, "tests", "test_api_routes.py")],
+                          os.path.join(ROOT, "tests", "test_ui.py"), os.path.join(ROOT, "tests", "test_api_routes.py"),
+                          os.path.join(ROOT, "tests", "test_api_schema.py")],
                          capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env=dict(os.environ, CHARLORA_EXPECT_GRADIO="4.40.0"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # what runs there: the tab (build, wiring, handlers, scripts entry) and the API routes on Forge's
-    # fastapi / pydantic 2; the model-backed tab test is skipped there (no model libraries) and runs here
-    assert "11 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
+    # what runs there: the tab (build, wiring, handlers, scripts entry), the API routes and the API contract
+    # (documents, limits, fuzz over the embedded tiny model) on Forge's fastapi / pydantic 2; the tab test
+    # over the A1111 double is skipped there (no ldm) and runs here
+    assert "60 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
 
 
 def test_gradio_is_the_pinned_version():
@@ -259,3 +261,20 @@ def test_autocaption_fills_only_empty_captions(tmp_path):
     assert [r[1] for r in rows[1:]] == ["a blue square"] * 4 and len(seen) == 4 and "4 captions" in note
     rows, note = tab.charlora["autocaption"](paths, "", table, "nothing", "Fast", False, 0)
     assert rows == table and "No interrogator" in note
+
+
+def test_tab_refuses_server_folders_where_the_webui_says_so(tmp_path):
+    service = StubService()
+    why = {"text": "reading a folder on the server is turned off because … without --gradio-auth"}
+    tab = ui.create_tab(service, captioners={"BLIP": lambda im: "a caption"}, folder_refusal=lambda: why["text"])
+    _pictures(tmp_path)
+    html = tab.charlora["check"]([], str(tmp_path), None, "", "Fast", False, 0)[0]
+    assert "turned off" in html and "charlora-error" in html
+    out = list(tab.charlora["train"]("", [], str(tmp_path), None, "pip", "t", False, "Fast", False, False, True,
+                                     *[d for _, _, d, _ in ui.ADVANCED]))
+    assert "turned off" in out[-1][1] and service.calls == []  # nothing submitted
+    rows, note = tab.charlora["autocaption"]([], str(tmp_path), None, "BLIP", "Fast", False, 0)
+    assert "turned off" in note
+    why["text"] = None  # allowed: the folder is read
+    html = tab.charlora["check"]([], str(tmp_path), None, "", "Fast", False, 0)[0]
+    assert "turned off" not in html and "pic0.png" in html

@@ -144,7 +144,7 @@ def to_rgb(im, notes):
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(source, name, max_side=2048):
+def decode_image(source, name, max_side=2048, max_pixels=MAX_PIXELS):
     """Decode a file (path or bytes) -> (RGB image at most ``max_side`` px, original (w, h), notes).
 
     Raises ``RejectedFile`` with a user-facing reason.
@@ -166,9 +166,9 @@ def decode_image(source, name, max_side=2048):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(fp)
             w, h = im.size
-            if w * h > MAX_PIXELS:
+            if w * h > max_pixels:
                 raise RejectedFile(f"too large to decode safely ({w}x{h} = {w * h / 1e6:.0f} megapixels; "
-                                   f"the limit is {MAX_PIXELS / 1e6:.0f})")
+                                   f"the limit is {max_pixels / 1e6:.0f})")
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
                 notes.append(f"animated ({frames} frames): only the first frame is used")
@@ -246,11 +246,11 @@ class _Item:
     caption_warning: Optional[str] = None
 
 
-def _intake(items, report, resolution, max_side, drop_duplicates):
+def _intake(items, report, resolution, max_side, drop_duplicates, max_pixels=MAX_PIXELS):
     images, by_sha, hashes = [], {}, []
     for it in items:
         try:
-            rgb, orig, notes = decode_image(it.source, it.name, max_side)
+            rgb, orig, notes = decode_image(it.source, it.name, max_side, max_pixels)
         except RejectedFile as e:
             report.files.append(FileReport(it.name, False, str(e)))
             continue
@@ -298,16 +298,32 @@ def _intake(items, report, resolution, max_side, drop_duplicates):
     return images
 
 
-def load_folder(path, resolution=512, max_side=None, drop_duplicates=False):
+class TooManyPictures(DatasetError):
+    def __init__(self, count, limit):
+        super().__init__(f"the folder has more than {limit} pictures")
+        self.count, self.limit = count, limit
+
+
+def _inside(root, path):
+    """Whether ``path``, its links resolved, is ``root`` or inside it."""
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def load_folder(path, resolution=512, max_side=None, drop_duplicates=False, max_pixels=MAX_PIXELS,
+                max_pictures=None):
     """Read a folder: its images (with ``.txt`` / ``.caption`` sidecars) and ``N_name`` sub-folders
-    (N repeats, as kohya). Returns (images, report); raises ``DatasetError`` if the folder cannot be read."""
+    (N repeats, as kohya). Only pictures and their caption files are read, and no link is followed out of
+    the folder. Returns (images, report); raises ``DatasetError`` if the folder cannot be read, and
+    ``TooManyPictures`` past ``max_pictures`` (before decoding any)."""
     max_side = max_side or max(1024, 2 * resolution)
     if not os.path.exists(path):
         raise DatasetError(f"the folder {path} does not exist")
     if not os.path.isdir(path):
         raise DatasetError(f"{path} is not a folder")
     report = IntakeReport()
-    items, seen_dirs = [], {os.path.realpath(path)}
+    root = os.path.realpath(path)
+    items, seen_dirs = [], {root}
 
     def scan(directory, prefix, repeats):
         try:
@@ -325,6 +341,10 @@ def load_folder(path, resolution=512, max_side=None, drop_duplicates=False):
             except OSError as e:
                 report.files.append(FileReport(shown, False, f"cannot be read ({e.strerror or e})"))
                 continue
+            if (is_dir or is_file) and entry.is_symlink() and not _inside(root, entry.path):
+                report.files.append(FileReport(shown + ("/" if is_dir else ""), False,
+                                               "not read: a link to outside the folder"))
+                continue
             if is_dir:
                 subdirs.append(entry)
                 continue
@@ -339,6 +359,8 @@ def load_folder(path, resolution=512, max_side=None, drop_duplicates=False):
                 continue
             caption, source, warning = None, None, None
             side = _sidecar(entry.path)
+            if side and not _inside(root, side):
+                side, warning = None, "its caption file links to outside the folder: not read"
             if side:
                 try:
                     with open(side, "rb") as f:
@@ -347,6 +369,8 @@ def load_folder(path, resolution=512, max_side=None, drop_duplicates=False):
                 except OSError as e:
                     warning = f"caption file {os.path.basename(side)} cannot be read ({e.strerror or e})"
             items.append(_Item(shown, entry.path, caption, source, repeats, warning))
+            if max_pictures is not None and len(items) > max_pictures:
+                raise TooManyPictures(len(items), max_pictures)
         return subdirs
 
     for sub in scan(path, "", 1):
@@ -367,18 +391,18 @@ def load_folder(path, resolution=512, max_side=None, drop_duplicates=False):
         for deeper in scan(sub.path, sub.name + "/", int(m.group(1))):
             report.files.append(FileReport(f"{sub.name}/{deeper.name}/", False,
                                            "sub-folder not read: folders are read one level deep"))
-    images = _intake(items, report, resolution, max_side, drop_duplicates)
+    images = _intake(items, report, resolution, max_side, drop_duplicates, max_pixels)
     if not items and not report.files:
         report.errors.insert(0, f"the folder {path} has no pictures ({', '.join(IMAGE_EXTENSIONS)})")
     return images, report
 
 
-def load_uploads(files, resolution=512, max_side=None, drop_duplicates=False):
+def load_uploads(files, resolution=512, max_side=None, drop_duplicates=False, max_pixels=MAX_PIXELS):
     """``files``: [(original name, bytes, caption or None)] -> (images, report)."""
     max_side = max_side or max(1024, 2 * resolution)
     report = IntakeReport()
     items = []
     for name, data, caption in files:
         items.append(_Item(name, bytes(data), caption, "given" if caption is not None else None))
-    images = _intake(items, report, resolution, max_side, drop_duplicates)
+    images = _intake(items, report, resolution, max_side, drop_duplicates, max_pixels)
     return images, report

@@ -4,6 +4,7 @@ The ``sshs_model_hash`` we write is A1111's "addnet" hash (sha256 of the file by
 8-byte length and the JSON header). Only tensor bytes enter it, so we serialise once, hash the data
 region, and put the hash into the header of that same byte stream.
 """
+import errno
 import hashlib
 import json
 import os
@@ -13,10 +14,18 @@ import uuid
 import safetensors.torch
 
 from .captions import tag_frequency
-from .errors import OutputExistsError
+from .errors import CharLoraError, OutputExistsError
 
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 _ARCH_SPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+class DiskFullError(CharLoraError, OSError):
+    """The disk filled up while a file was written (nothing partial was left)."""
+
+
+class SaveCancelled(Exception):
+    """``write_lora``'s ``abort`` asked to keep the old files: nothing new was moved into place."""
 
 
 def output_path(output_dir, name):
@@ -164,12 +173,14 @@ def _write_file(path, chunks):
         os.fsync(f.fileno())
 
 
-def write_lora(path, tensors, metadata, *, overwrite=False, preview=None, card=None):
+def write_lora(path, tensors, metadata, *, overwrite=False, preview=None, card=None, abort=None):
     """Write ``path`` (+ ``<stem>.preview.png`` and ``<stem>.json``) atomically.
 
     Everything goes to ``*.tmp`` files first; the sidecars are moved into place before the
     ``.safetensors`` itself, so the Lora list never sees a model without its card. On any error
-    the temporary files are removed and nothing of the new output remains.
+    the temporary files are removed and nothing of the new output remains (a full disk raises
+    ``DiskFullError`` saying so). ``abort()``, asked once everything is written and before anything
+    is moved into place, can still cancel the save: ``SaveCancelled``, the old files untouched.
     """
     check_can_write(path, overwrite)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -186,9 +197,19 @@ def write_lora(path, tensors, metadata, *, overwrite=False, preview=None, card=N
                 preview.save(f, format="PNG")
         if card is not None:
             _write_file(stem + ".json.tmp", [json.dumps(card, indent=2).encode("utf-8")])
+        if abort is not None and abort():
+            raise SaveCancelled(path)
         check_can_write(path, overwrite)
         for tmp, final in plan:
             os.replace(tmp, final)
+    except OSError as e:
+        if e.errno != errno.ENOSPC or isinstance(e, DiskFullError):
+            raise
+        full = DiskFullError(f"the disk is full: {os.path.basename(path)} could not be written to "
+                             f"{os.path.dirname(path) or '.'} ({e.strerror or e}); free some space and try "
+                             "again (the previous file of that name, if any, is unchanged)")
+        full.errno = e.errno  # (strerror stays unset: str() is the message above)
+        raise full from e
     finally:
         for tmp, _ in plan:
             if os.path.exists(tmp):

@@ -19,6 +19,7 @@ from . import export
 from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
 from . import captions as cap
+from . import statefile
 from . import trainset
 from .parallel import SINGLE
 from .errors import CharLoraError, ConfigError
@@ -26,7 +27,7 @@ from .lora import LoRANetwork
 from .memory import PeakMemory
 from .optim import choose_precision, make_optimizer, make_scheduler, require_optimizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: a safetensors file with the rest as JSON (engine.statefile); 1 was a pickle
 
 
 @dataclass
@@ -130,9 +131,13 @@ class Trainer:
         if self._final is not None and self.parallel.is_main:  # once the model is restored (a failed restore writes nothing)
             tensors, preview = self._final
             result.metadata = self._metadata(result.steps_done)
-            result.path = export.write_lora(self.out_path, tensors, result.metadata, overwrite=cfg.overwrite,
-                                            preview=preview, card=export.user_metadata(host, cfg))
-            result.num_keys = len(tensors)
+            try:  # a cancel (not stop-and-save) that comes during the final preview or save still keeps the old file
+                result.path = export.write_lora(self.out_path, tensors, result.metadata, overwrite=cfg.overwrite,
+                                                preview=preview, card=export.user_metadata(host, cfg),
+                                                abort=lambda: self.cancel.requested and not self.cancel.save)
+                result.num_keys = len(tensors)
+            except export.SaveCancelled:
+                result.status, result.metadata = "cancelled", {}
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -378,7 +383,7 @@ class Trainer:
         }
         tmp = stem + ".state.tmp"
         try:
-            torch.save(state, tmp)
+            statefile.save(tmp, state, STATE_VERSION)   # safetensors + JSON: resuming never unpickles
             os.replace(tmp, stem + ".state")
         finally:
             if os.path.exists(tmp):
@@ -390,12 +395,13 @@ class Trainer:
     def _load_state(self, path):
         if not os.path.isfile(path):
             raise ConfigError("resume_from", f"checkpoint state {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ConfigError("resume_from", f"{path} is not a readable training state ({e})") from e
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ConfigError("resume_from", f"{path} is not a Character LoRA training state of this version")
+        state = statefile.load(path, STATE_VERSION, "resume_from")  # refuses old (pickled) and foreign files
+        missing = [k for k in ("version", "fingerprint", "num_images", "step", "started_at", "history", "network",
+                               "optimizer", "scheduler", "generator", "torch_rng", "sampler") if k not in state]
+        if missing or state["version"] != STATE_VERSION or not isinstance(state["fingerprint"], dict):
+            why = f" (no {', '.join(missing)})" if missing else ""
+            raise ConfigError("resume_from", f"{path} is not a complete Character LoRA training state of state "
+                                             f"version {STATE_VERSION}{why}")
         mine = self.cfg.fingerprint()
         diff = sorted(k for k in mine if state["fingerprint"].get(k) != mine[k])
         if diff:

@@ -154,6 +154,22 @@ class BucketSampler:
         self.batches, self.pos, self.epoch = [list(b) for b in s["batches"]], s["pos"], s["epoch"]
 
 
+LATENT_FORMAT = "charlora-latent"
+
+
+def _read_latent(path):
+    """The latent of a disk cache entry (a safetensors file: never unpickled), or None if it is not one."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            if (f.metadata() or {}).get("format") != LATENT_FORMAT or "latent" not in f.keys():
+                return None
+            z = f.get_tensor("latent")
+    except Exception:
+        return None
+    return z if z.dtype == torch.float32 and z.dim() == 3 else None
+
+
 class LatentCache:
     """Latents of (picture, bucket, flip), in memory and optionally on disk.
 
@@ -183,14 +199,13 @@ class LatentCache:
         path = None
         if self.directory:
             key = self._key(sample, flip)
-            path = os.path.join(self.directory, key[:2], key + ".pt")
+            path = os.path.join(self.directory, key[:2], key + ".safetensors")
             if os.path.isfile(path):
-                try:
-                    z = torch.load(path, map_location="cpu", weights_only=True)
+                z = _read_latent(path)
+                if z is not None:
                     self.memory[mem_key] = z
                     return z
-                except Exception:
-                    pass  # unreadable entry: encode again and overwrite it
+                # unreadable or foreign entry: encode again and overwrite it
         pixels, _ = crop_sample(sample, flip)
         with torch.no_grad():
             z = self.host.encode_images(pixels.unsqueeze(0).to(self.host.device)).float().cpu()[0]
@@ -199,7 +214,8 @@ class LatentCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = path + ".tmp"
             try:
-                torch.save(z, tmp)
+                from safetensors.torch import save_file
+                save_file({"latent": z.contiguous()}, tmp, metadata={"format": LATENT_FORMAT})
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
