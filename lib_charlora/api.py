@@ -46,6 +46,12 @@ def _constant(name):
     raise ConfigError("body", f"{name} is not a JSON number")
 
 
+def _integer(digits):
+    if len(digits) > 40:  # no field takes more than 2**64; Python would refuse past 4300 digits anyway
+        raise ConfigError("body", f"a number of {len(digits)} digits is far out of any field's range")
+    return int(digits)
+
+
 def parse_json(data, content_type, optional=False):
     """Request bytes -> the JSON value, or a ConfigError (UnsupportedMediaType for a non-JSON type)."""
     if not data.strip():
@@ -60,7 +66,7 @@ def parse_json(data, content_type, optional=False):
     except UnicodeDecodeError:
         raise ConfigError("body", "must be JSON in UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_int=_integer)
     except ConfigError:
         raise
     except RecursionError:
@@ -102,7 +108,7 @@ def register(app, service, api_auth=None, folder_refusal=None):
         limit = limit_mb * 2**20
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            raise over("max_request_mb", "body", f"the request of {int(length) / 2**20:.0f} MB", limit_mb, 413)
+            raise over("max_request_mb", "body", f"the request of {int(length) / 2**20:.1f} MB", limit_mb, 413)
         data = bytearray()
         async for chunk in request.stream():
             data += chunk

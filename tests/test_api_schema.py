@@ -116,6 +116,8 @@ def test_every_documented_bound_is_the_services_bound(api_app, field, inside, ou
 @pytest.mark.parametrize("content,ctype,status,field,text", [
     (b'{"name": "a", "name": "b"}', "application/json", 422, "name", "appears twice"),
     (b'{"name": "pip", "steps": NaN}', "application/json", 422, "body", "NaN"),
+    (b'{"name": "pip", "steps": 1' + b"0" * 5000 + b"}", "application/json", 422, "body", "5001 digits"),
+    (b'{"name": true}', "application/json", 422, "name", "must be text"),
     (b'{"name": "pip"', "application/json", 422, "body", "must be JSON"),
     (b"\xff\xfe{}", "application/json", 422, "body", "UTF-8"),
     (b"", "application/json", 422, "body", "empty"),

@@ -357,6 +357,8 @@ def test_stop(env, phase, save):
             _patch(mp, env, where, inject)
             job = _wait(env, env.service.submit(_body()))
             assert inject.fired == 1, "the stop was not sent"
+        if phase == "latent-caching":  # no other picture is encoded after the stop (a big set takes minutes)
+            assert inject.calls == 1
     assert job.status == status and job.error is None, job.to_dict()
     assert job.step == step
     assert _temporaries(env.root) == []

@@ -22,7 +22,9 @@ _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lp
 
 def validate_name(name, field_name="name"):
     """A LoRA name becomes a file stem: 1-64 of A-Z a-z 0-9 _ - . , portable on every OS."""
-    if not isinstance(name, str) or not name:
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(field_name, f"must be text, got {name!r}")
+    if not name:
         raise ConfigError(field_name, "a name is required")
     if "/" in name or "\\" in name:
         raise ConfigError(field_name, f"{name!r} contains a path separator; use only letters, digits, _ - .")

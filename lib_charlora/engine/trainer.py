@@ -159,6 +159,9 @@ class Trainer:
             for turn in turns:
                 if turn is None or turn == par.is_local_main:
                     for i, smp in enumerate(self.samples):
+                        if self.cancel.requested and par.world == 1:  # stopped while pictures are encoded
+                            return TrainResult(status="cancelled", steps_done=0, loss_history=[], checkpoints=[],
+                                               warnings=self.warnings)
                         for flip in ((False, True) if cfg.flip else (False,)):
                             self.cache.get(i, smp, flip)
                 if turn is not None:
