@@ -6,8 +6,6 @@ reForge (``hosts/reforge.py``) or A1111 (``hosts/a1111.py``); nothing else asks 
 """
 import os
 
-from .limits import LIMITS
-
 _service = None
 
 
@@ -124,6 +122,7 @@ SECTION = ("charlora", "Character LoRA")
 
 def settings():
     from modules import shared
+    from .limits import LIMITS
     o = shared.opts
     return {"default_preset": {"Fast": "fast", "Quality": "quality"}.get(getattr(o, "charlora_default_preset", ""),
                                                                          "balanced"),
@@ -137,6 +136,7 @@ def settings():
 def on_ui_settings():
     import gradio as gr
     from modules import shared
+    from .limits import LIMITS
     add = shared.opts.add_option
     add("charlora_default_preset", shared.OptionInfo("Balanced", "Default preset", gr.Radio,
                                                      {"choices": ["Fast", "Balanced", "Quality"]}, section=SECTION))
