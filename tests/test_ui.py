@@ -192,7 +192,7 @@ def test_under_gradio4():
     # what runs there: the tab (build, wiring, handlers, scripts entry), the API routes and the API contract
     # (documents, limits, fuzz over the embedded tiny model) on Forge's fastapi / pydantic 2; the tab test
     # over the A1111 double is skipped there (no ldm) and runs here
-    assert "60 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
+    assert "62 passed, 2 skipped" in out.stdout, out.stdout[-3000:]
 
 
 def test_gradio_is_the_pinned_version():
