@@ -9,7 +9,7 @@ import copy
 from typing import List, Literal, Optional, Union
 
 import pydantic
-from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr, confloat, conint, conlist, constr
+from pydantic import BaseModel, Field, StrictBool, StrictStr, confloat, conint, conlist, constr
 
 from .engine.config import validate_name
 from .engine.errors import ConfigError

@@ -40,11 +40,6 @@ class LimitError(ConfigError):
         self.status = status
 
 
-class FolderAccessError(ConfigError):
-    """A server folder asked for where reading server folders is not allowed (HTTP 403)."""
-    status = 403
-
-
 def values(settings):
     """The limits from a settings dict (missing or invalid values: the defaults)."""
     out = {}
